@@ -1,0 +1,5 @@
+import sys
+
+from gconv_compile.cli import main
+
+sys.exit(main())

@@ -1,0 +1,174 @@
+"""The ``gconv-compile`` command line.
+
+Exit codes: 0 ok; 1 a numeric check failed (nothing written); 2 bad input or usage (one line on
+stderr, nothing written); 3 an internal error (a bug: please report it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from gconv_compile import __version__
+from gconv_compile.errors import CheckFailed, GconvError, UserError
+
+logger = logging.getLogger("gconv_compile")
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports usage errors as one line and exit code 2."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UserError(f"{self.prog}: {message}")
+
+
+def _echo(line: str = "") -> None:
+    print(line, flush=True)
+
+
+def _write_report(report, path: str | None) -> None:
+    if path:
+        from gconv_compile.report import write_json_atomic
+
+        try:
+            write_json_atomic(report.to_dict(), path)
+        except OSError as exc:
+            raise UserError(f"{path}: cannot write the report: {exc.strerror or exc}")
+
+
+def _check_report_path(path: str | None, inputs: Sequence[str]) -> None:
+    if not path:
+        return
+    target = Path(path).resolve()
+    for other in inputs:
+        if other and Path(other).resolve() == target:
+            raise UserError(f"{path}: report would overwrite '{other}'; choose another path")
+    if not target.parent.is_dir():
+        raise UserError(f"{path}: folder '{Path(path).parent}' does not exist")
+
+
+def _add_check_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--no-check", action="store_true", help="skip the onnxruntime check")
+    parser.add_argument(
+        "--seeds", type=int, default=3, metavar="N", help="random input sets for the check (3)"
+    )
+    parser.add_argument(
+        "--shape",
+        action="append",
+        metavar="NAME=DIMS",
+        help="size of an input with symbolic dims, e.g. x=1x3x224x224 (repeatable)",
+    )
+
+
+# ------------------------------------------------------------------------------- optimize
+
+
+def _add_optimize(sub) -> None:
+    p = sub.add_parser(
+        "optimize",
+        help="fold split-conv-concat blocks into grouped Convs",
+        description="Fold Split/Slice -> N x Conv -> Concat blocks into one grouped Conv, check "
+        "the result against the input with onnxruntime, and write it.",
+    )
+    p.add_argument("input", metavar="IN.onnx")
+    p.add_argument("-o", "--output", required=True, metavar="OUT.onnx")
+    p.add_argument("--report", metavar="R.json", help="write the report as JSON")
+    _add_check_options(p)
+
+
+def _run_optimize(args: argparse.Namespace) -> int:
+    from gconv_compile.model_io import check_output_path, load_model, save_model
+    from gconv_compile.pipeline import fold
+    from gconv_compile.report import Report
+
+    loaded = load_model(args.input)
+    check_output_path(args.output, loaded)
+    _check_report_path(args.report, [args.input, args.output])
+    report = Report("optimize", input=args.input)
+    return _rewrite_and_save(args, loaded, fold, report)
+
+
+def _rewrite_and_save(args, loaded, rewrite, report) -> int:
+    """Shared tail of optimize/expand: rewrite, check, print, write (only if the check held)."""
+    from gconv_compile.model_io import save_model
+    from gconv_compile.pipeline import run_checked
+    from gconv_compile.verify import parse_shape_overrides
+
+    shapes = parse_shape_overrides(args.shape)
+    if args.seeds < 1:
+        raise UserError("--seeds must be at least 1")
+    try:
+        model = run_checked(
+            loaded, rewrite, report, check=not args.no_check,
+            seeds=tuple(range(args.seeds)), shapes=shapes,
+        )  # fmt: skip
+    except CheckFailed as failure:
+        for line in report.lines():
+            _echo(line)
+        _write_report(report, args.report)
+        print(f"gconv-compile: check failed: {failure}; nothing written", file=sys.stderr)
+        return 1
+    save_model(model, args.output, loaded=loaded)
+    report.output = args.output
+    for line in report.lines():
+        _echo(line)
+    _write_report(report, args.report)
+    return 0
+
+
+# ------------------------------------------------------------------------------- main
+
+_COMMANDS: dict[str, tuple[Callable, Callable]] = {
+    "optimize": (_add_optimize, _run_optimize),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="gconv-compile",
+        description="Fold, expand, compile and verify grouped convolutions in ONNX models.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what each pass does")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of internal errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    sub.required = True
+    for add, _run in _COMMANDS.values():
+        add(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    debug = os.environ.get("GCONV_DEBUG") == "1"
+    try:
+        args = build_parser().parse_args(argv)
+        debug = debug or args.debug
+        logging.basicConfig(
+            level=logging.INFO if args.verbose else logging.WARNING,
+            format="%(levelname)s %(name)s: %(message)s",
+        )
+        return _COMMANDS[args.command][1](args)
+    except GconvError as error:
+        print(f"gconv-compile: error: {error}", file=sys.stderr)
+        return error.exit_code
+    except KeyboardInterrupt:
+        print("gconv-compile: interrupted; nothing written", file=sys.stderr)
+        return 130
+    except Exception as error:  # a bug, not bad input: one line, traceback on request
+        if debug:
+            raise
+        first = (str(error).strip().splitlines() or [""])[0][:300]
+        print(
+            f"gconv-compile: internal error: {type(error).__name__}: {first} "
+            "(rerun with --debug for the traceback)",
+            file=sys.stderr,
+        )
+        return 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,29 @@
+"""Exceptions that the CLI turns into exit codes.
+
+``UserError`` is bad input or usage (exit 2): the message is one line meant for a person.
+``CheckFailed`` is a numeric check that did not hold (exit 1).
+"""
+
+from __future__ import annotations
+
+
+class GconvError(Exception):
+    """Base class for every error gconv-compile reports to a user."""
+
+    exit_code = 2
+
+
+class UserError(GconvError):
+    """Bad input or usage: a model we cannot read, a path we must not write, a bad option."""
+
+    exit_code = 2
+
+
+class CheckFailed(GconvError):
+    """The rewritten model does not compute what the input computes."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, report: object | None = None) -> None:
+        super().__init__(message)
+        self.report = report

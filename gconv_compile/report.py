@@ -1,0 +1,97 @@
+"""What a command did, for people (text) and for machines (JSON)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from gconv_compile.verify import CheckResult
+from passes import Rewrite, Skip
+
+
+@dataclasses.dataclass
+class Report:
+    """Rewrites, refusals, node counts and the numeric check of one run."""
+
+    command: str
+    input: str | None = None
+    output: str | None = None
+    target: str | None = None
+    rewrites: list[Rewrite] = dataclasses.field(default_factory=list)
+    skips: list[Skip] = dataclasses.field(default_factory=list)
+    nodes_before: int = 0
+    nodes_after: int = 0
+    check: CheckResult | None = None
+    check_note: str | None = None
+    warnings: list[str] = dataclasses.field(default_factory=list)
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "command": self.command,
+            "input": self.input,
+            "output": self.output,
+            "target": self.target,
+            "summary": {
+                "rewrites": len(self.rewrites),
+                "skipped": len(self.skips),
+                "nodes_before": self.nodes_before,
+                "nodes_after": self.nodes_after,
+                "check_passed": None if self.check is None else self.check.passed,
+            },
+            "rewrites": [r.to_dict() for r in self.rewrites],
+            "skipped": [s.to_dict() for s in self.skips],
+            "check": None if self.check is None else self.check.to_dict(),
+            "check_note": self.check_note,
+            "warnings": self.warnings,
+            **self.extra,
+        }
+
+    def lines(self) -> list[str]:
+        """One line per rewrite and refusal, then the check and a summary."""
+        out = []
+        for rewrite in self.rewrites:
+            verb = "folded" if rewrite.pass_name.startswith("fold") else "expanded"
+            out.append(f"{verb:8} {rewrite.scope}/{rewrite.anchor}: {rewrite.summary}")
+        for skip in self.skips:
+            out.append(f"{'skipped':8} {skip.scope}/{skip.anchor}: {skip.reason}")
+        for warning in self.warnings:
+            out.append(f"{'warning':8} {warning}")
+        if self.check is not None:
+            out.append(f"{'check':8} {self.check.summary()}")
+            for stat in self.check.outputs:
+                flag = "ok" if stat.passed else "FAIL"
+                out.append(
+                    f"{'':8}   {stat.name}: max abs {stat.max_abs_error:.3g}, "
+                    f"max rel {stat.max_rel_error:.3g} (atol {stat.atol:g}, rtol {stat.rtol:g}) {flag}"
+                    + (f" - {stat.note}" if stat.note else "")
+                )
+        elif self.check_note:
+            out.append(f"{'check':8} {self.check_note}")
+        kinds = {r.pass_name for r in self.rewrites}
+        noun = "blocks folded" if kinds <= {"fold-split-conv-concat"} else "rewrites"
+        out.append(
+            f"summary: {len(self.rewrites)} {noun}, {len(self.skips)} skipped; "
+            f"nodes {self.nodes_before} -> {self.nodes_after}"
+            + (f"; wrote {self.output}" if self.output else "")
+        )
+        return out
+
+
+def write_json_atomic(data: Any, path: str | os.PathLike) -> None:
+    """Write JSON to ``path`` through a temporary file in the same folder."""
+    path = Path(path)
+    parent = path.parent if str(path.parent) else Path(".")
+    fd, tmp = tempfile.mkstemp(prefix=".gconv-tmp-", suffix=".json", dir=parent)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            json.dump(data, handle, indent=2, sort_keys=False, default=str)
+            handle.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

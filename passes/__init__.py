@@ -1,0 +1,15 @@
+"""Graph passes over onnx-ir models, one pass per module.
+
+``PASSES`` maps the kebab-case names used on the command line and in reports to pass classes.
+"""
+
+from __future__ import annotations
+
+from passes._common import Rewrite, Skip
+from passes.fold_split_conv_concat import FoldSplitConvConcat
+
+__all__ = ["PASSES", "FoldSplitConvConcat", "Rewrite", "Skip"]
+
+PASSES: dict[str, type] = {
+    "fold-split-conv-concat": FoldSplitConvConcat,
+}
