@@ -12,7 +12,13 @@ import onnx
 import onnx_ir as ir
 
 from gconv_compile.errors import CheckFailed
-from gconv_compile.model_io import ORT_MAX_IR_VERSION, LoadedModel, count_nodes, load_model, to_ort_source
+from gconv_compile.model_io import (
+    ORT_MAX_IR_VERSION,
+    LoadedModel,
+    count_nodes,
+    load_model,
+    to_ort_source,
+)
 from gconv_compile.report import Report
 from gconv_compile.verify import ReferenceRun
 from passes import FoldSplitConvConcat

@@ -178,7 +178,9 @@ def ort_session(source: str | bytes, providers: Sequence[str] | None = None):
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     options.log_severity_level = 3
     options.intra_op_num_threads = min(4, os.cpu_count() or 1)
-    return ort.InferenceSession(source, options, providers=list(providers or ["CPUExecutionProvider"]))
+    return ort.InferenceSession(
+        source, options, providers=list(providers or ["CPUExecutionProvider"])
+    )
 
 
 def run_ort_model(
@@ -219,7 +221,9 @@ def compare_arrays(
             [], tol_a, tol_r, False, note=f"shape {list(cand.shape)} != reference {list(ref.shape)}",
         )  # fmt: skip
     if ref.size == 0:
-        return OutputStats(name, list(ref.shape), str(ref.dtype), 0.0, 0.0, 0.0, [], tol_a, tol_r, True)
+        return OutputStats(
+            name, list(ref.shape), str(ref.dtype), 0.0, 0.0, 0.0, [], tol_a, tol_r, True
+        )
     if ref.dtype.kind in "biu":
         diff = np.abs(ref.astype(np.int64) - cand.astype(np.int64)).astype(np.float64)
         magnitude = np.abs(ref.astype(np.float64))
@@ -276,8 +280,16 @@ def compare_results(
             if name not in cand:
                 stats.append(
                     OutputStats(
-                        name, list(np.shape(ref_value)), str(np.asarray(ref_value).dtype),
-                        float("inf"), float("inf"), float("inf"), [], 0.0, 0.0, False,
+                        name,
+                        list(np.shape(ref_value)),
+                        str(np.asarray(ref_value).dtype),
+                        float("inf"),
+                        float("inf"),
+                        float("inf"),
+                        [],
+                        0.0,
+                        0.0,
+                        False,
                         note="missing from candidate",
                     )  # fmt: skip
                 )
@@ -317,8 +329,19 @@ class ReferenceRun:
             outputs = run_ort_model(candidate, self.feeds)
         except Exception as exc:
             failed = [
-                OutputStats(name, [], "", float("inf"), float("inf"), float("inf"), [], 0.0, 0.0,
-                            False, note=f"onnxruntime failed on the rewritten model: {_first_line(exc)}")  # fmt: skip
+                OutputStats(
+                    name,
+                    [],
+                    "",
+                    float("inf"),
+                    float("inf"),
+                    float("inf"),
+                    [],
+                    0.0,
+                    0.0,
+                    False,
+                    note=f"onnxruntime failed on the rewritten model: {_first_line(exc)}",
+                )  # fmt: skip
                 for name in self.outputs[0]
             ]
             return CheckResult(failed, self.seeds, self.shapes)

@@ -26,13 +26,14 @@ class ShapeFacts:
 
     def __init__(self, model: ir.Model) -> None:
         self._model = model
-        self._inferred: dict[int, ir.Shape] | None = None
+        self._inferred: dict[str, onnx.TypeProto] | None = None
         self._const_cache: dict[int, np.ndarray | None] = {}
 
     def shape(self, value: ir.Value) -> ir.Shape | None:
         if value.shape is not None and all(isinstance(d, int) for d in value.shape):
             return value.shape
-        inferred = self._inferred_shapes().get(id(value))
+        type_proto = self._inferred_types().get(value.name or "")
+        inferred = _shape_from_type(type_proto) if type_proto is not None else None
         if inferred is not None:
             return inferred
         return value.shape
@@ -48,7 +49,7 @@ class ShapeFacts:
         shape = self.shape(value)
         return None if shape is None else len(shape)
 
-    def _inferred_shapes(self) -> dict[int, ir.Shape]:
+    def _inferred_types(self) -> dict[str, onnx.TypeProto]:
         if self._inferred is None:
             self._inferred = _infer(self._model)
         return self._inferred
@@ -207,8 +208,8 @@ _FOLDERS = {
 }
 
 
-def _infer(model: ir.Model) -> dict[int, ir.Shape]:
-    """Run onnx shape inference on a copy; map id(original value) -> inferred shape."""
+def _infer(model: ir.Model) -> dict[str, onnx.TypeProto]:
+    """Run onnx shape inference on a copy; map value name -> inferred type (all graphs)."""
     saved: list[tuple[ir.Value, object]] = []
     try:
         for graph in model.graphs():
@@ -229,12 +230,28 @@ def _infer(model: ir.Model) -> dict[int, ir.Shape]:
     except Exception as exc:  # inference is best effort: matching then refuses what it can't see
         logger.debug("shape inference failed: %s", exc)
         return {}
-    inferred_model = ir.serde.deserialize_model(inferred)
-    result: dict[int, ir.Shape] = {}
-    for original, copy in zip(model.graphs(), inferred_model.graphs()):
-        by_name = ir.convenience.create_value_mapping(copy)
-        for name, value in ir.convenience.create_value_mapping(original).items():
-            twin = by_name.get(name)
-            if twin is not None and twin.shape is not None:
-                result[id(value)] = twin.shape
-    return result
+    # Names are unique across a graph and its subgraphs (no shadowing in ONNX), so one table serves.
+    types: dict[str, onnx.TypeProto] = {}
+    pending = [inferred.graph]
+    while pending:
+        graph = pending.pop()
+        for info in (*graph.value_info, *graph.output, *graph.input):
+            types.setdefault(info.name, info.type)
+        for node in graph.node:
+            for attr in node.attribute:
+                if attr.HasField("g"):
+                    pending.append(attr.g)
+                pending.extend(attr.graphs)
+    return types
+
+
+def _shape_from_type(type_proto: onnx.TypeProto) -> ir.Shape | None:
+    if not type_proto.HasField("tensor_type") or not type_proto.tensor_type.HasField("shape"):
+        return None
+    dims: list[int | str | None] = []
+    for dim in type_proto.tensor_type.shape.dim:
+        if dim.HasField("dim_value"):
+            dims.append(dim.dim_value)
+        else:
+            dims.append(dim.dim_param or None)
+    return ir.Shape(dims)

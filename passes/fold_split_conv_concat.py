@@ -217,7 +217,9 @@ class FoldSplitConvConcat(ir.passes.InPlacePass):
             values = [getattr(b.attrs, field) for b in branches]
             if len(set(values)) > 1:
                 raise Refusal(f"Conv attribute '{field}' differs between branches: {values}")
-        same = {(b.attrs.kernel, b.attrs.dilations, b.attrs.pads, b.attrs.auto_pad) for b in branches}
+        same = {
+            (b.attrs.kernel, b.attrs.dilations, b.attrs.pads, b.attrs.auto_pad) for b in branches
+        }
         if len(same) == 1:
             return False
         kernels = {(b.attrs.kernel, b.attrs.dilations) for b in branches}
@@ -256,9 +258,7 @@ class FoldSplitConvConcat(ir.passes.InPlacePass):
             biases.append(bias)
             if branch.batch_norm is not None and "BatchNormalization folded" not in notes:
                 notes.append("BatchNormalization folded")
-        attributes = {
-            key: attr for key, attr in first.conv.attributes.items() if key != "group"
-        }
+        attributes = {key: attr for key, attr in first.conv.attributes.items() if key != "group"}
         if match.mixconv:
             weights, grid = _embed_kernels(branches, weights)
             attributes.pop("auto_pad", None)
@@ -274,7 +274,11 @@ class FoldSplitConvConcat(ir.passes.InPlacePass):
         weight = np.concatenate(weights, axis=0)
         bias = None
         if any(b is not None for b in biases):
-            channels_out = weights[0].shape[0] if op_type == "Conv" else weights[0].shape[1] * first.attrs.group
+            channels_out = (
+                weights[0].shape[0]
+                if op_type == "Conv"
+                else weights[0].shape[1] * first.attrs.group
+            )
             bias = np.concatenate(
                 [b if b is not None else np.zeros(channels_out, weight.dtype) for b in biases]
             ).astype(weight.dtype)
@@ -286,12 +290,16 @@ class FoldSplitConvConcat(ir.passes.InPlacePass):
         conv_inputs = [match.source, weight_value]
         if bias is not None:
             conv_inputs.append(
-                add_constant(graph, bias, names.fresh(f"{base}.bias"), as_node=in_function, before=concat)
+                add_constant(
+                    graph, bias, names.fresh(f"{base}.bias"), as_node=in_function, before=concat
+                )
             )
         lo, hi = match.window
         if (lo, hi) != (0, match.channels):
             conv_inputs[0] = self._insert_window_slice(match, graph, names, in_function, base)
-            notes.append(f"gapped split: keeps channels [{lo}:{hi}) of {match.channels} by one Slice")
+            notes.append(
+                f"gapped split: keeps channels [{lo}:{hi}) of {match.channels} by one Slice"
+            )
         new_conv = ir.node(op_type, conv_inputs, attributes=attributes, name=base, num_outputs=1)
         new_nodes = [new_conv]
         result = new_conv.outputs[0]
@@ -328,7 +336,9 @@ class FoldSplitConvConcat(ir.passes.InPlacePass):
         old.replace_all_uses_with(result, replace_graph_outputs=True)
         doomed = [concat]
         for branch in branches:
-            doomed.extend(n for n in (branch.activation, branch.batch_norm, branch.conv) if n is not None)
+            doomed.extend(
+                n for n in (branch.activation, branch.batch_norm, branch.conv) if n is not None
+            )
         remove_with_dead_producers(graph, doomed)
 
         splitters = sorted({b.splitter.op_type for b in branches if b.splitter is not None})
@@ -357,8 +367,13 @@ class FoldSplitConvConcat(ir.passes.InPlacePass):
     ) -> ir.Value:
         lo, hi = match.window
         consts = [
-            add_constant(graph, np.array([v], np.int64), names.fresh(f"{base}.window_{label}"),
-                         as_node=in_function, before=match.concat)  # fmt: skip
+            add_constant(
+                graph,
+                np.array([v], np.int64),
+                names.fresh(f"{base}.window_{label}"),
+                as_node=in_function,
+                before=match.concat,
+            )  # fmt: skip
             for label, v in (("starts", lo), ("ends", hi), ("axes", 1), ("steps", 1))
         ]
         node = ir.node("Slice", [match.source, *consts], name=names.fresh(f"{base}_window"))
@@ -374,7 +389,11 @@ def _branch_chain(value: ir.Value) -> tuple[ir.Node, ir.Node | None, ir.Node | N
     """(conv, batch_norm, activation) ending in ``value``, or None if no Conv roots it."""
     node = value.producer()
     activation = batch_norm = None
-    if node is not None and node.domain in ("", "ai.onnx") and node.op_type in ELEMENTWISE_ACTIVATIONS:
+    if (
+        node is not None
+        and node.domain in ("", "ai.onnx")
+        and node.op_type in ELEMENTWISE_ACTIVATIONS
+    ):
         activation = node
         node = node.inputs[0].producer() if node.inputs and node.inputs[0] is not None else None
     if is_onnx_op(node, "BatchNormalization"):
@@ -427,16 +446,16 @@ def _locate_channels(branch: _Branch, index: int, rank: int, facts: ShapeFacts) 
     if width <= 0:
         raise Refusal(f"branch {index}: zero-size split part")
     if width != expected:
-        raise Refusal(
-            f"branch {index}: takes {width} channels but its weight expects {expected}"
-        )
+        raise Refusal(f"branch {index}: takes {width} channels but its weight expects {expected}")
 
 
 def _normalise_axis(axis: int, rank: int) -> int:
     return axis + rank if axis < 0 else axis
 
 
-def _from_split(branch: _Branch, split: ir.Node, output: ir.Value, rank: int, facts: ShapeFacts) -> None:
+def _from_split(
+    branch: _Branch, split: ir.Node, output: ir.Value, rank: int, facts: ShapeFacts
+) -> None:
     axis = _normalise_axis(attr_int(split, "axis", 0), rank)
     if axis != 1:
         raise Refusal(f"{node_label(split)} splits axis {axis}, not the channel axis 1")
@@ -451,14 +470,18 @@ def _from_split(branch: _Branch, split: ir.Node, output: ir.Value, rank: int, fa
     if sizes is None:
         channels = facts.static_dim(source, 1)
         if channels is None:
-            raise Refusal(f"channel dimension of '{source.name}' is symbolic; cannot prove the split sizes")
+            raise Refusal(
+                f"channel dimension of '{source.name}' is symbolic; cannot prove the split sizes"
+            )
         num_outputs = split.attributes.get("num_outputs")
         if num_outputs is not None:
             chunk = -(-channels // num_outputs.as_int())
             sizes = [min(chunk, max(channels - i * chunk, 0)) for i in range(n)]
         else:
             if channels % n:
-                raise Refusal(f"{node_label(split)}: {channels} channels do not split evenly in {n}")
+                raise Refusal(
+                    f"{node_label(split)}: {channels} channels do not split evenly in {n}"
+                )
             sizes = [channels // n] * n
     if len(sizes) != n:
         raise Refusal(f"{node_label(split)}: {len(sizes)} split sizes for {n} outputs")
@@ -498,7 +521,9 @@ def _from_slice(branch: _Branch, node: ir.Node, rank: int, facts: ShapeFacts) ->
     source = node.inputs[0]
     channels = facts.static_dim(source, 1)
     if channels is None:
-        raise Refusal(f"channel dimension of '{source.name}' is symbolic; cannot prove the slice ranges")
+        raise Refusal(
+            f"channel dimension of '{source.name}' is symbolic; cannot prove the slice ranges"
+        )
     start, end = starts[0], ends[0]
     start = start + channels if start < 0 else start
     end = end + channels if end < 0 else end
@@ -512,11 +537,13 @@ def _check_ranges(branches: list[_Branch]) -> tuple[int, int]:
     """Channel ranges must be equal, adjacent and in Concat order; return the covered window."""
     ranges = [(b.start, b.stop) for b in branches]
     ordered = sorted(ranges)
-    for (lo0, hi0), (lo1, _) in zip(ordered, ordered[1:]):
+    for (_, hi0), (lo1, _) in zip(ordered, ordered[1:]):
         if lo1 < hi0:
             raise Refusal(f"overlapping slices {ordered}")
         if lo1 > hi0:
-            raise Refusal(f"channels [{hi0}:{lo1}) between slices are skipped (gap inside the split)")
+            raise Refusal(
+                f"channels [{hi0}:{lo1}) between slices are skipped (gap inside the split)"
+            )
     if ranges != ordered:
         raise Refusal(f"Concat order {ranges} differs from the channel order of the split")
     widths = {hi - lo for lo, hi in ranges}
@@ -527,13 +554,13 @@ def _check_ranges(branches: list[_Branch]) -> tuple[int, int]:
 
 def _source_channels(branches: list[_Branch], facts: ShapeFacts) -> int:
     """Channels of the split tensor: static dim if known, else the sum of explicit Split sizes."""
+    splitter = branches[0].splitter
+    same_split = all(b.splitter is splitter for b in branches) and is_onnx_op(splitter, "Split")
+    if same_split and len(branches) == len(splitter.outputs):
+        return branches[-1].stop  # the Split's sizes sum to the channel dim at run time
     static = facts.static_dim(branches[0].source, 1)
     if static is not None:
         return static
-    splitter = branches[0].splitter
-    if all(b.splitter is splitter for b in branches) and is_onnx_op(splitter, "Split"):
-        if len(branches) == len(splitter.outputs):
-            return branches[-1].stop  # the Split's sizes sum to the channel dim at run time
     raise Refusal(
         f"channel dimension of '{branches[0].source.name}' is symbolic; cannot prove that the "
         "branches cover it"
@@ -555,7 +582,9 @@ def _check_same_activation(branches: list[_Branch]) -> None:
                 continue
             array = const_array(value)
             if array is None:
-                raise Refusal(f"{node_label(act)}: activation parameter '{value.name}' is not constant")
+                raise Refusal(
+                    f"{node_label(act)}: activation parameter '{value.name}' is not constant"
+                )
             extras.append((array.dtype.str, array.tobytes()))
         signatures.append((act.op_type, act.domain, attrs, tuple(extras)))
     if len(set(signatures)) > 1:
@@ -610,7 +639,9 @@ class _Grid:
     pads: list[int]
 
 
-def _embed_kernels(branches: list[_Branch], weights: list[np.ndarray]) -> tuple[list[np.ndarray], _Grid]:
+def _embed_kernels(
+    branches: list[_Branch], weights: list[np.ndarray]
+) -> tuple[list[np.ndarray], _Grid]:
     """Place every branch kernel, centred and zero-padded, on one shared grid (per axis)."""
     rank = branches[0].attrs.spatial_rank
     kernel, dilations = [], []
