@@ -81,11 +81,17 @@ def _load_path(path: Path) -> LoadedModel:
     try:
         proto = onnx.load(str(path), format="protobuf", load_external_data=False)
     except Exception as exc:  # protobuf raises DecodeError, RuntimeWarning, ValueError...
+        if _looks_like_text(path):
+            raise UserError(f"{path}: not an ONNX model (a text file, not a binary protobuf)")
         raise UserError(f"{path}: not an ONNX model (protobuf parse failed: {_first_line(exc)})")
     if not proto.HasField("graph") or proto.ir_version == 0:
+        if _looks_like_text(path):
+            raise UserError(f"{path}: not an ONNX model (a text file, not a binary protobuf)")
         raise UserError(f"{path}: not an ONNX model (no graph or IR version)")
     external_files = _validate_external_data(proto, path.parent.resolve(), path)
-    _validate_proto(proto, str(path))
+    # The checker resolves external-data locations against the model's folder only when it is
+    # given the path; given the proto alone it looks in the working directory.
+    _validate_proto(proto, str(path), checker_source=str(path))
     model = ir.serde.deserialize_model(proto)
     ir_external_data.set_base_dir(model.graph, str(path.parent))
     for function in model.functions.values():
@@ -93,7 +99,24 @@ def _load_path(path: Path) -> LoadedModel:
     return LoadedModel(model, path, external_files)
 
 
-def _validate_proto(proto: onnx.ModelProto, label: str) -> None:
+def _looks_like_text(path: Path) -> bool:
+    """True when the file starts with printable UTF-8 text (a binary ONNX model never does)."""
+    with open(path, "rb") as file:
+        head = file.read(4096)
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        # A multi-byte character cut at the 4096-byte boundary is still text.
+        try:
+            text = head[:-3].decode("utf-8")
+        except UnicodeDecodeError:
+            return False
+    return bool(text) and all(c.isprintable() or c in "\t\n\r\f" for c in text)
+
+
+def _validate_proto(
+    proto: onnx.ModelProto, label: str, checker_source: str | onnx.ModelProto | None = None
+) -> None:
     if proto.ir_version < 3 or proto.ir_version > onnx.IR_VERSION:
         raise UserError(
             f"{label}: IR version {proto.ir_version} is not supported "
@@ -107,7 +130,7 @@ def _validate_proto(proto: onnx.ModelProto, label: str) -> None:
                 f"(this build handles 1 to {max_opset})"
             )
     try:
-        onnx.checker.check_model(proto)
+        onnx.checker.check_model(proto if checker_source is None else checker_source)
     except Exception as exc:  # ValidationError, or C++ errors surfaced as others
         raise UserError(f"{label}: fails the ONNX checker: {_first_line(exc)}")
 
@@ -184,8 +207,9 @@ def _external_files_of_ir(model: ir.Model) -> frozenset[Path]:
 
 
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0][:300]
+    """The exception's message as one line (the checker spreads one sentence over several)."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= 300 else text[:297] + "..."
 
 
 def check_output_path(out: str | os.PathLike, loaded: LoadedModel | None = None) -> Path:
@@ -201,6 +225,12 @@ def check_output_path(out: str | os.PathLike, loaded: LoadedModel | None = None)
             raise UserError(f"{out_path}: output would overwrite the input; choose another path")
     parent = out_path.parent if str(out_path.parent) else Path(".")
     if not parent.is_dir():
+        existing = next((p for p in parent.parents if p.exists()), None)
+        if parent.exists() or (existing is not None and not existing.is_dir()):
+            blocker = parent if parent.exists() else existing
+            raise UserError(
+                f"{out_path}: '{blocker}' is not a folder, so the output cannot go there"
+            )
         raise UserError(f"{out_path}: folder '{parent}' does not exist")
     return out_path
 
@@ -248,6 +278,7 @@ def save_model(
         staging = Path(tempfile.mkdtemp(prefix=".gconv-tmp-", dir=parent))
     except OSError as exc:
         raise UserError(f"{out_path}: cannot write to folder '{parent}': {exc.strerror}")
+    placed_data: Path | None = None
     try:
         staged_model = staging / out_path.name
         if data_name is not None:
@@ -257,11 +288,16 @@ def save_model(
                 external_data=data_name,
                 size_threshold_bytes=EXTERNAL_DATA_THRESHOLD,
             )
-            os.replace(staging / data_name, out_path.parent / data_name)
+            # Data first, model last: a model file never points at data that is not there yet.
+            if (staging / data_name).exists():
+                placed_data = out_path.parent / data_name
+                os.replace(staging / data_name, placed_data)
         else:
             ir.save(model, staged_model)
         os.replace(staged_model, out_path)
     except OSError as exc:
+        if placed_data is not None:
+            placed_data.unlink(missing_ok=True)
         raise UserError(f"{out_path}: cannot write: {exc.strerror or exc}")
     finally:
         shutil.rmtree(staging, ignore_errors=True)
