@@ -77,6 +77,12 @@ def _add_optimize(sub) -> None:
     p.add_argument("input", metavar="IN.onnx")
     p.add_argument("-o", "--output", required=True, metavar="OUT.onnx")
     p.add_argument("--report", metavar="R.json", help="write the report as JSON")
+    p.add_argument(
+        "--target",
+        metavar="PROFILE",
+        help="a target profile (name or .json path): fold where it runs grouped convs, expand "
+        "where it does not (see `gconv-compile profiles`)",
+    )
     _add_check_options(p)
 
 
@@ -89,7 +95,15 @@ def _run_optimize(args: argparse.Namespace) -> int:
     check_output_path(args.output, loaded)
     _check_report_path(args.report, [args.input, args.output])
     report = Report("optimize", input=args.input)
-    return _rewrite_and_save(args, loaded, fold, report)
+    rewrite = fold
+    if args.target:
+        from gconv_compile.pipeline import retarget
+        from gconv_compile.profiles import load_profile
+
+        profile = load_profile(args.target)
+        report.target = profile.name
+        rewrite = retarget(profile, warnings=report.warnings)
+    return _rewrite_and_save(args, loaded, rewrite, report)
 
 
 def _rewrite_and_save(args, loaded, rewrite, report) -> int:
@@ -120,10 +134,97 @@ def _rewrite_and_save(args, loaded, rewrite, report) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------- expand
+
+
+def _add_expand(sub) -> None:
+    p = sub.add_parser(
+        "expand",
+        help="expand grouped Convs for targets that lack them",
+        description="Expand Conv/ConvTranspose nodes with group > 1 into Split -> G Convs -> "
+        "Concat (split) or one block-diagonal Conv (dense), check the result against the input "
+        "with onnxruntime, and write it.",
+    )
+    p.add_argument("input", metavar="IN.onnx")
+    p.add_argument("-o", "--output", required=True, metavar="OUT.onnx")
+    p.add_argument(
+        "--mode",
+        choices=("split", "dense"),
+        help="split: Split -> G Convs -> Concat; dense: one Conv with a block-diagonal weight, "
+        "G times the work (default: the target's preference, else split)",
+    )
+    p.add_argument(
+        "--keep-depthwise",
+        action="store_true",
+        help="leave depthwise convs (group == C_in) grouped",
+    )
+    p.add_argument("--min-group", type=int, metavar="N", help="only expand group >= N")
+    p.add_argument("--max-group", type=int, metavar="N", help="only expand group <= N")
+    p.add_argument(
+        "--skip", action="append", default=[], metavar="NAME",
+        help="leave the node with this name alone (repeatable)",
+    )  # fmt: skip
+    p.add_argument(
+        "--target",
+        metavar="PROFILE",
+        help="only expand what this target profile cannot run (name or .json path)",
+    )
+    p.add_argument("--report", metavar="R.json", help="write the report as JSON")
+    _add_check_options(p)
+
+
+def _run_expand(args: argparse.Namespace) -> int:
+    from gconv_compile.model_io import check_output_path, load_model
+    from gconv_compile.pipeline import expand_rewrite
+    from gconv_compile.report import Report
+
+    report = Report("expand", input=args.input)
+    rewrite = expand_rewrite(
+        report, mode=args.mode, keep_depthwise=args.keep_depthwise, min_group=args.min_group,
+        max_group=args.max_group, skip=args.skip, target=args.target,
+    )  # fmt: skip
+    loaded = load_model(args.input)
+    check_output_path(args.output, loaded)
+    _check_report_path(args.report, [args.input, args.output])
+    return _rewrite_and_save(args, loaded, rewrite, report)
+
+
+# ------------------------------------------------------------------------------- profiles
+
+
+def _add_profiles(sub) -> None:
+    p = sub.add_parser(
+        "profiles",
+        help="list the target profiles for optimize/expand --target",
+        description="List the built-in target profiles (or show one profile, built-in or from a "
+        ".json file): what each target runs natively and how the rest is expanded.",
+    )
+    p.add_argument("profile", nargs="?", metavar="PROFILE", help="show only this profile")
+    p.add_argument("--json", action="store_true", help="print JSON for machines")
+
+
+def _run_profiles(args: argparse.Namespace) -> int:
+    import json
+
+    from gconv_compile.profiles import builtin_profiles, load_profile
+
+    profiles = [load_profile(args.profile)] if args.profile else builtin_profiles()
+    if args.json:
+        _echo(json.dumps([profile.to_dict() for profile in profiles], indent=2))
+        return 0
+    width = max(len(profile.name) for profile in profiles) + 2
+    for profile in profiles:
+        _echo(f"{profile.name:<{width}}{profile.description}")
+        _echo(f"{'':<{width}}{profile.capabilities()}")
+    return 0
+
+
 # ------------------------------------------------------------------------------- main
 
 _COMMANDS: dict[str, tuple[Callable, Callable]] = {
     "optimize": (_add_optimize, _run_optimize),
+    "expand": (_add_expand, _run_expand),
+    "profiles": (_add_profiles, _run_profiles),
 }
 
 

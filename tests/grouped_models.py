@@ -115,11 +115,12 @@ def zoo_model(name: str, seed: int = 0) -> onnx.ModelProto:
     """A zoo model from the onnx wheel with seeded random weights (see module docstring).
 
     Every ConstantOfShape whose shape is an initializer becomes an initializer of that shape:
-    Conv and Gemm weights get He-normal values (scaled by fan-in, so activations stay finite
+    Conv and Gemm weights get normal values with variance 1/fan-in (so activations stay finite
     through the depth of the network), BatchNormalization scales and variances uniform in
     [0.5, 1.5), every other 1-D tensor (biases, BN offsets and means) normal with std 0.1.
     Initializers are taken off the graph inputs (IR 3 listed them there, which would make them
     overridable at run time and so not constants) and the IR version raised to 7 accordingly.
+    Finally the last Gemm is scaled so the Softmax is far from saturated.
     """
     model = onnx.load(str(ZOO_DIR / f"{name}.onnx"))
     graph = model.graph
@@ -143,11 +144,11 @@ def zoo_model(name: str, seed: int = 0) -> onnx.ModelProto:
     old_inits = [t for t in graph.initializer if t.name in used]
     del graph.initializer[:]
     graph.initializer.extend(old_inits + new_inits)
-    names = {t.name for t in graph.initializer}
-    data_inputs = [v for v in graph.input if v.name not in names]
+    data_inputs = [v for v in graph.input if v.name not in tensors]
     del graph.input[:]
     graph.input.extend(data_inputs)
     model.ir_version = 7
+    _calibrate_logits(model)
     onnx.checker.check_model(model)
     return model
 
@@ -163,7 +164,29 @@ def _random_parameter(
             fan_in = shape[1] if trans_b else shape[0]
         else:
             fan_in = int(np.prod(shape[1:]))
-        return r.standard_normal(shape) * np.sqrt(2.0 / fan_in)
+        return r.standard_normal(shape, dtype=np.float32) * np.float32(np.sqrt(1.0 / fan_in))
     if op == "BatchNormalization" and index in (1, 4):
         return r.uniform(0.5, 1.5, shape)
     return r.standard_normal(shape) * 0.1
+
+
+def _calibrate_logits(model: onnx.ModelProto, target_std: float = 2.0) -> None:
+    """Scale the Gemm that feeds the Softmax so its logits have std ``target_std``.
+
+    Random weights in a deep residual net (ShuffleNet) grow the logits to hundreds, and a
+    saturated Softmax outputs one-hot vectors that hide most errors. Gemm is linear in its
+    weight and bias, so scaling both scales the logits exactly.
+    """
+    graph = model.graph
+    softmax = next((n for n in graph.node if n.op_type == "Softmax"), None)
+    producer = next((n for n in graph.node if softmax and softmax.input[0] in n.output), None)
+    if producer is None or producer.op_type != "Gemm":
+        return
+    probe = onnx.ModelProto.FromString(model.SerializeToString())
+    probe.graph.output.append(helper.make_tensor_value_info(softmax.input[0], 1, None))
+    logits = ort_run(probe, random_feeds(model))[softmax.input[0]]
+    factor = target_std / float(np.std(logits))
+    for tensor in graph.initializer:
+        if tensor.name in producer.input[1:3]:
+            scaled = numpy_helper.to_array(tensor) * np.float32(factor)
+            tensor.CopyFrom(numpy_helper.from_array(scaled.astype(np.float32), tensor.name))
