@@ -219,12 +219,165 @@ def _run_profiles(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------- compile
+
+_CUDA_NOTE = (
+    "A CUDA library holds CUDA C that TVM compiles when the library is loaded: building needs "
+    "no GPU, but the machine that runs it needs an NVIDIA GPU and driver, apache-tvm, the CUDA "
+    "toolkit headers (CUDA_PATH, or nvcc on PATH) and NVRTC (pip install cuda-bindings "
+    "nvidia-cuda-nvrtc) or nvcc (TVM_CUDA_COMPILE_MODE=nvcc, picked automatically when "
+    "cuda-bindings is missing)."
+)
+
+
+def _add_compile(sub) -> None:
+    p = sub.add_parser(
+        "compile",
+        help="optimise and build a model with TVM for this CPU (llvm) or a CUDA GPU",
+        description="Fold split-conv-concat blocks as the target's profile asks (checked with "
+        "onnxruntime), import the model into TVM Relax (symbolic dims stay symbolic), build it "
+        "and write a library that tvm.runtime.load_module + relax.VirtualMachine run from any "
+        "process, with OUT.so.json beside it (inputs, outputs, target, sha256 of the model). "
+        "Check the library with `gconv-compile verify IN.onnx --lib OUT.so`.",
+        epilog=_CUDA_NOTE,
+    )
+    p.add_argument("input", metavar="IN.onnx")
+    p.add_argument("-o", "--output", required=True, metavar="OUT.so")
+    p.add_argument(
+        "--target", choices=("llvm", "cuda"), default="llvm",
+        help="llvm: this CPU; cuda: NVIDIA GPUs, builds without one (default: llvm)",
+    )  # fmt: skip
+    p.add_argument(
+        "--arch", metavar="sm_XY",
+        help="CUDA architecture for code generation (default: the GPU here, else sm_80)",
+    )  # fmt: skip
+    p.add_argument(
+        "--mcpu", metavar="CPU",
+        help="LLVM CPU name (default: from /proc/cpuinfo: skylake-avx512, haswell or x86-64)",
+    )  # fmt: skip
+    p.add_argument("--no-optimize", action="store_true", help="build the model as it is")
+    p.add_argument(
+        "--emit-source", metavar="DIR",
+        help="write the generated code to DIR: CUDA C (.cu) for cuda, LLVM IR (.ll) and "
+        "assembly (.s) for llvm",
+    )  # fmt: skip
+    p.add_argument("--report", metavar="R.json", help="write the report as JSON")
+    _add_check_options(p)
+
+
+def _run_compile(args: argparse.Namespace) -> int:
+    from gconv_compile.compile import compile as build
+    from gconv_compile.verify import parse_shape_overrides
+
+    _check_report_path(args.report, [args.input, args.output])
+    shapes = parse_shape_overrides(args.shape)
+    if args.seeds < 1:
+        raise UserError("--seeds must be at least 1")
+    try:
+        compiled = build(
+            args.input, args.target, output=args.output, arch=args.arch, mcpu=args.mcpu,
+            optimize=not args.no_optimize, check=not args.no_check,
+            seeds=tuple(range(args.seeds)), shapes=shapes, emit_source=args.emit_source,
+        )  # fmt: skip
+    except CheckFailed as failure:
+        if failure.report is not None:
+            for line in failure.report.lines():
+                _echo(line)
+            _write_report(failure.report, args.report)
+        print(f"gconv-compile: check failed: {failure}; nothing written", file=sys.stderr)
+        return 1
+    report, info = compiled.report, compiled.info
+    for line in report.lines():
+        _echo(line)
+    t = compiled.timings
+    detail = ", ".join(f"{k.removesuffix('_s')} {v:.2f} s" for k, v in t.items())
+    spec = info.target.get("host", info.target) if info.target_kind == "cuda" else info.target
+    arch = info.target.get("arch") if info.target_kind == "cuda" else spec.get("mcpu", "")
+    _echo(f"{'compiled':8} {info.target_kind} ({arch}) in {sum(t.values()):.2f} s ({detail})")
+    _echo(f"{'inputs':8} " + ", ".join(s.describe() for s in info.inputs))
+    _echo(f"{'outputs':8} " + ", ".join(s.describe() for s in info.outputs))
+    _echo(f"{'library':8} {compiled.library} (+ {compiled.library}.json)")
+    for path in compiled.sources:
+        _echo(f"{'source':8} {path}")
+    if info.target_kind == "cuda":
+        _echo(f"{'note':8} {_CUDA_NOTE}")
+    _write_report(report, args.report)
+    return 0
+
+
+# ------------------------------------------------------------------------------- verify
+
+
+def _add_verify(sub) -> None:
+    p = sub.add_parser(
+        "verify",
+        help="compare a TVM build of a model with onnxruntime on the original model",
+        description="Run the original model in onnxruntime (CUDA EP with TF32 off when the "
+        "candidate runs on a GPU, else CPU EP) and the TVM library (--lib, or compiled now for "
+        "--target) on the same inputs, and report per output the max/mean absolute error, max "
+        "relative error and worst element. Exit 0 when every output is within tolerance, 1 when "
+        "one is not, 2 for bad input (a missing library, one compiled from another model, a bad "
+        ".npz, wrong shapes).",
+        epilog="Default tolerances (atol, rtol): float32 1e-5, 1e-4 on CPU and 1e-4, 1e-3 on "
+        "CUDA (fast math, other summation order); float16 1e-2, 1e-2. " + _CUDA_NOTE,
+    )
+    p.add_argument("input", metavar="IN.onnx", help="the original model")
+    which = p.add_mutually_exclusive_group()
+    which.add_argument("--lib", metavar="OUT.so", help="a library written by compile")
+    which.add_argument(
+        "--target", choices=("llvm", "cuda"),
+        help="compile now for this target (default: cuda when a GPU is visible, else llvm)",
+    )  # fmt: skip
+    p.add_argument("--inputs", metavar="X.npz", help="inputs by name (default: seeded random)")
+    p.add_argument(
+        "--seeds", type=int, default=3, metavar="N", help="random input sets (default 3)"
+    )
+    p.add_argument("--rtol", type=float, metavar="R", help="relative tolerance for every output")
+    p.add_argument("--atol", type=float, metavar="A", help="absolute tolerance for every output")
+    p.add_argument(
+        "--shape", action="append", metavar="NAME=DIMS",
+        help="size of an input with symbolic dims, e.g. x=1x3x224x224 (repeatable)",
+    )  # fmt: skip
+    p.add_argument("--arch", metavar="sm_XY", help="CUDA architecture when compiling now")
+    p.add_argument("--no-optimize", action="store_true", help="when compiling now: do not fold")
+    p.add_argument(
+        "--ignore-fingerprint", action="store_true",
+        help="accept a library compiled from another file with the same inputs and outputs",
+    )  # fmt: skip
+    p.add_argument("--report", metavar="R.json", help="write the report as JSON")
+
+
+def _run_verify(args: argparse.Namespace) -> int:
+    from gconv_compile.tvm_verify import verify
+    from gconv_compile.verify import parse_shape_overrides
+
+    _check_report_path(args.report, [args.input, args.lib or "", args.inputs or ""])
+    if args.seeds < 1:
+        raise UserError("--seeds must be at least 1")
+    for name in ("rtol", "atol"):
+        value = getattr(args, name)
+        if value is not None and not value >= 0:
+            raise UserError(f"--{name} must be a number >= 0")
+    result = verify(
+        args.input, library=args.lib, target=args.target, inputs=args.inputs,
+        seeds=tuple(range(args.seeds)), atol=args.atol, rtol=args.rtol,
+        shapes=parse_shape_overrides(args.shape), arch=args.arch,
+        optimize=not args.no_optimize, ignore_fingerprint=args.ignore_fingerprint,
+    )  # fmt: skip
+    for line in result.lines():
+        _echo(line)
+    _write_report(result.report, args.report)
+    return 0 if result.passed else 1
+
+
 # ------------------------------------------------------------------------------- main
 
 _COMMANDS: dict[str, tuple[Callable, Callable]] = {
     "optimize": (_add_optimize, _run_optimize),
     "expand": (_add_expand, _run_expand),
     "profiles": (_add_profiles, _run_profiles),
+    "compile": (_add_compile, _run_compile),
+    "verify": (_add_verify, _run_verify),
 }
 
 
