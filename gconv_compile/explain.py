@@ -468,7 +468,12 @@ def framework_names(spec: ConvSpec) -> dict[str, list[str]]:
             if dims <= 3
             else f"no nn layer for {dims} spatial dims"
         ],
-        "ONNX": [f"{spec.op_type}(X, W, {onnx_attrs})"],
+        "ONNX": [f"{spec.op_type}(X, W, {onnx_attrs})"]
+        if len(onnx_attrs) < 60
+        else [
+            f"{spec.op_type}(X, W, group={g}, kernel_shape={list(spec.kernel)},",
+            onnx_attrs.split(", ", 2)[2] + ")",
+        ],
     }
     kernel = _tuple(spec.kernel)
     if spec.transpose:
@@ -558,14 +563,14 @@ def _summary_line(spec: ConvSpec) -> str:
             f"depthwise, multiplier {spec.multiplier}: each input channel is filtered on its "
             f"own into {spec.multiplier} output channels"
         )
-    return f"{head}\n  {what}"
+    return f"{head}\n  {what}"  # two lines: the setting, then what it means
 
 
 def conv_lines(spec: ConvSpec) -> list[str]:
     """The human explanation of one setting, one screen long."""
     pad = " " * 12
     g = spec.groups
-    lines = [_summary_line(spec), ""]
+    lines = [*_summary_line(spec).split("\n"), ""]
     axes = "in, out/groups" if spec.transpose else "out, in/groups"
     spatial = {1: "kL", 2: "kH, kW", 3: "kD, kH, kW"}.get(
         spec.dims, ", ".join(f"k{i}" for i in range(spec.dims))
@@ -581,8 +586,8 @@ def conv_lines(spec: ConvSpec) -> list[str]:
     if g > 1:
         axis_name = "input" if spec.transpose else "output"
         lines.append(
-            f"{pad}one tensor, not {g}: the {g} group kernels {spec.group_weight_shape} "
-            f"stacked on axis 0 ({axis_name} channels)"
+            f"{pad}one tensor, not {g}: {g} kernels {spec.group_weight_shape} stacked on axis 0 "
+            f"({axis_name} channels)"
         )
     lines.append("")
     shown = _collapse(spec.group_ranges())
@@ -606,20 +611,21 @@ def conv_lines(spec: ConvSpec) -> list[str]:
         f"channel{'s' if spec.in_channels > 1 else ''}"
     )
     lines.append("")
-    dense_w = spec.dense_weight_params
+    bias = spec.out_channels
     lines.append(
-        f"{'cost':12}weights {spec.weight_params:,} + bias {spec.out_channels:,} = "
-        f"{spec.weight_params + spec.out_channels:,} parameters"
-        + (
-            f"   (dense groups=1: {dense_w + spec.out_channels:,}; {g}x fewer weights)"
-            if g > 1
-            else ""
-        )
+        f"{'cost':12}parameters {spec.weight_params + bias:,} = weights {spec.weight_params:,} "
+        f"+ bias {bias:,}"
     )
+    if g > 1:
+        dense = spec.dense_weight_params
+        lines.append(
+            f"{pad}dense (groups=1): {dense + bias:,} = weights {dense:,} + bias {bias:,}; "
+            f"{g}x fewer weights"
+        )
     pixel = "input pixel" if spec.transpose else "output pixel"
     lines.append(
         f"{pad}multiply-adds per {pixel}: {spec.macs_per_pixel:,}"
-        + (f"   (dense: {spec.dense_macs_per_pixel:,}; {g}x fewer)" if g > 1 else "")
+        + (f" (dense: {spec.dense_macs_per_pixel:,}; {g}x fewer)" if g > 1 else "")
     )
     lines.append("")
     lines.extend(_split_form_lines(spec))
@@ -653,16 +659,16 @@ def _split_form_lines(spec: ConvSpec) -> list[str]:
     )
     lines = [
         f"{'same as':12}{seq(names)} = Split(X, axis=1, split={sizes})",
-        f"{pad}# every branch: weight {spec.group_weight_shape}, group=1",
+        f"{pad}# every branch: weight {spec.group_weight_shape}, group=1{attrs}",
     ]
     for i in collapsed:
         if i is None:
             lines.append(f"{pad}...")
             continue
-        r = spec.group_ranges()[i] if g <= _MAX_LISTED_GROUPS else _range_of(spec, i)
+        r = _range_of(spec, i)
         lines.append(
             f"{pad}y{i} = {spec.op_type}(x{i}, W[{r.weight_start}:{r.weight_stop}], "
-            f"B[{r.out_start}:{r.out_stop}]{attrs})"
+            f"B[{r.out_start}:{r.out_stop}])"
         )
     lines.append(f"{pad}Y = Concat({seq(outs)}, axis=1)")
     lines.append(
