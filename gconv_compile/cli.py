@@ -134,6 +134,46 @@ def _rewrite_and_save(args, loaded, rewrite, report) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------- explain
+
+
+def _add_explain(sub) -> None:
+    p = sub.add_parser(
+        "explain",
+        help="explain the groups setting of a convolution, or of every Conv in a model",
+        description="Explain what groups does: weight shape, channel wiring, cost against the "
+        "dense conv, the equivalent split-conv-concat and each framework's name for it. Give a "
+        "setting with --conv, or a model to list its convolutions, foldable blocks and "
+        "depthwise-separable pairs.",
+    )
+    p.add_argument("model", nargs="?", metavar="MODEL.onnx", help="describe this model")
+    p.add_argument(
+        "--conv",
+        metavar="SPEC",
+        help="a setting, e.g. in=16,out=16,groups=2,kernel=3x3 (keys: in, out, groups, kernel, "
+        "stride, dilation, dims)",
+    )
+    p.add_argument("--transpose", action="store_true", help="the --conv setting is a ConvTranspose")
+    p.add_argument("--node", metavar="NAME", help="with a model: explain this one Conv in detail")
+    p.add_argument("--svg", metavar="FILE.svg", help="draw the channel wiring to FILE.svg")
+    p.add_argument("--json", action="store_true", help="print JSON for machines")
+
+
+def _run_explain(args: argparse.Namespace) -> int:
+    from gconv_compile.explain import run_explain
+
+    text = run_explain(
+        model=args.model,
+        conv=args.conv,
+        transpose=args.transpose,
+        node=args.node,
+        svg=args.svg,
+        as_json=args.json,
+    )
+    _echo(text)
+    return 0
+
+
 # ------------------------------------------------------------------------------- expand
 
 
@@ -376,6 +416,7 @@ _COMMANDS: dict[str, tuple[Callable, Callable]] = {
     "optimize": (_add_optimize, _run_optimize),
     "expand": (_add_expand, _run_expand),
     "profiles": (_add_profiles, _run_profiles),
+    "explain": (_add_explain, _run_explain),
     "compile": (_add_compile, _run_compile),
     "verify": (_add_verify, _run_verify),
 }
