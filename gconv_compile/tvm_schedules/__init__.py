@@ -1,0 +1,239 @@
+"""Default schedules and MetaSchedule tuning for convolutions compiled with TVM.
+
+Integration contract for ``gconv_compile/compile.py``
+=====================================================
+
+Call order for one Relax module ``mod`` and one ``tvm.target.Target`` ``target``::
+
+    from gconv_compile import tvm_schedules
+
+    with target:
+        mod = tvm.transform.Sequential(
+            relax.pipeline.library_dispatch_passes(target)
+            + [relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
+               relax.transform.FoldConstant(), relax.transform.FuseOps(),
+               relax.transform.FuseTIR()]
+        )(mod)                                                # 1. legalised and fused
+        if tune_trials:                                       # 2. optional tuning
+            tvm_schedules.tune(mod, target, trials=tune_trials, db_dir=tune_db, progress=cb)
+        if tune_db:                                           # 3. tuned records, if any
+            mod, tuned = tvm_schedules.apply_database(mod, target, tune_db)
+        mod, decisions = tvm_schedules.schedule_module(mod, target)   # 4. our schedules
+        mod = <dlight defaults for cuda only: dl.ApplyDefaultSchedule(Matmul, GEMV, Reduction,
+               GeneralReduction, Fallback)>(mod)              # 5. skips functions we scheduled
+        mod = tvm.transform.Sequential(relax.pipeline.dataflow_lower_passes(target)
+                                       + relax.pipeline.finalize_passes(target))(mod)
+    ex = tvm.compile(mod, target=target)   # relax_pipeline=None / the module is already lowered
+
+- ``schedule_module`` returns a new module and one ``Decision`` per PrimFunc (``.to_dict()`` for
+  the JSON report, ``.line()`` for the console): which schedule form each conv got and why.
+  Functions already carrying ``tirx.is_scheduled`` (from the tuning database) are left alone.
+- For llvm it schedules every conv2d (dense, grouped, depthwise, with any fused elementwise
+  epilogue) and parallelises the other functions. For cuda it schedules grouped and depthwise
+  convs (implicit GEMM with the group as batch axis, through shared memory) and leaves dense
+  convs and everything else to dlight (Matmul rule, tensor cores in float16).
+- ``host_target()`` gives an llvm target dict for this machine (``mcpu`` from LLVM's host
+  detection, ``num-cores``); the vector width of the schedules follows the target's ``mcpu``.
+- ``tune`` runs MetaSchedule on the same legalised, fused module (records go to
+  ``db_dir/database_workload.json`` and ``database_tuning_record.json``); it skips tasks already
+  in the database, so a second compile with the same ``db_dir`` tunes nothing.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass
+
+import tvm
+from tvm import tirx
+from tvm.target import Target
+
+from .cpu import host_target
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Decision", "apply_database", "host_target", "schedule_module", "tune"]
+
+
+@dataclass
+class Decision:
+    """What happened to one PrimFunc."""
+
+    function: str
+    schedule: str  # e.g. 'cpu-conv', 'cpu-parallel', 'cuda-grouped-igemm', 'tuned', 'none'
+    detail: str
+
+    def line(self) -> str:
+        return f"{self.function}: {self.schedule} ({self.detail})"
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def _is_scheduled(func) -> bool:
+    return bool(
+        func.attrs is not None
+        and "tirx.is_scheduled" in func.attrs
+        and func.attrs["tirx.is_scheduled"]
+    )
+
+
+def schedule_module(
+    mod: tvm.IRModule, target: Target | dict | str
+) -> tuple[tvm.IRModule, list[Decision]]:
+    """Apply the default conv schedules to every PrimFunc of a legalised, fused module.
+
+    Where the CPU schedule wants the weights of a conv packed (output-channel vectors), and every
+    call passes the weight as a constant, the constants in the Relax functions are replaced by
+    packed copies (weights kept as function parameters are never repacked).
+
+    Args:
+        mod: The module after LegalizeOps/FuseOps/FuseTIR (and, optionally, a tuning database).
+        target: An llvm or cuda target.
+
+    Returns:
+        The scheduled module and one Decision per PrimFunc.
+    """
+    target = Target(target) if not isinstance(target, Target) else target
+    kind = target.kind.name
+    if kind == "llvm":
+        from . import cpu as backend
+    elif kind == "cuda":
+        from . import cuda as backend
+    else:
+        return mod, [Decision(str(gv.name_hint), "none", f"no schedules for target {kind}")
+                     for gv, f in mod.functions_items() if isinstance(f, tirx.PrimFunc)]  # fmt: skip
+    calls = _call_sites(mod)
+    decisions: list[Decision] = []
+    updates, packings = {}, {}
+    with target:
+        for gv, func in mod.functions_items():
+            if not isinstance(func, tirx.PrimFunc):
+                continue
+            name = str(gv.name_hint)
+            if _is_scheduled(func):
+                decisions.append(Decision(name, "tuned", "schedule from the tuning database"))
+                continue
+            const_params = _constant_params(func, calls.get(name, []))
+            new, form, why, packing = backend.schedule_conv(
+                func, target, constant_params=const_params
+            )
+            if new is not None:
+                updates[gv] = new
+                if packing is not None:
+                    names = [str(p.name) for p in func.params]
+                    packings[name] = (names.index(packing.param), packing)
+                    why += f"; weight {packing.param} packed into {packing.vector}-channel vectors"
+                decisions.append(Decision(name, form, why))
+                continue
+            fallback, why_fb = backend.schedule_fallback(func, target)
+            if fallback is not None:
+                updates[gv] = fallback
+                decisions.append(Decision(name, f"{kind}-fallback", f"{why}; {why_fb}"))
+            else:
+                decisions.append(Decision(name, "none", f"{why}; {why_fb}"))
+    if updates:
+        mod = tvm.IRModule(dict(mod.functions_items()), attrs=mod.attrs)
+        for gv, func in updates.items():
+            mod[gv] = func
+    if packings:
+        mod = _pack_constants(mod, packings)
+    for d in decisions:
+        logger.debug("%s", d.line())
+    return mod, decisions
+
+
+_CALL_TIR = None
+
+
+def _call_tir_op():
+    global _CALL_TIR
+    if _CALL_TIR is None:
+        _CALL_TIR = tvm.ir.Op.get("relax.call_tir")
+    return _CALL_TIR
+
+
+def _call_sites(mod: tvm.IRModule) -> dict[str, list]:
+    """PrimFunc name -> the argument lists of every ``call_tir`` to it."""
+    from tvm import relax
+
+    sites: dict[str, list] = {}
+
+    def visit(expr):
+        if isinstance(expr, relax.Call) and expr.op.same_as(_call_tir_op()):
+            callee = expr.args[0]
+            if isinstance(callee, tvm.ir.GlobalVar):
+                sites.setdefault(str(callee.name_hint), []).append(list(expr.args[1].fields))
+
+    for _, func in mod.functions_items():
+        if isinstance(func, relax.Function):
+            relax.analysis.post_order_visit(func.body, visit)
+    return sites
+
+
+def _constant_params(func: tirx.PrimFunc, sites: list) -> frozenset[str]:
+    """Names of ``func``'s parameters that every call site passes as a Relax constant."""
+    if not sites:
+        return frozenset()
+    names = [str(p.name) for p in func.params]
+    return frozenset(
+        names[i] for i in range(len(names))
+        if all(i < len(args) and isinstance(args[i], tvm.ir.expr.Constant) for args in sites)
+    )  # fmt: skip
+
+
+def _pack_constants(mod: tvm.IRModule, packings: dict) -> tvm.IRModule:
+    """Replace the weight constants of every call to a packed function by their packed copy.
+
+    The packed functions get fresh GlobalVars: a GlobalVar carries its function's type, and the
+    weight parameter's shape changed.
+    """
+    from tvm import relax
+
+    fresh = {}
+    funcs = {}
+    for gv, func in mod.functions_items():
+        name = str(gv.name_hint)
+        if name in packings:
+            fresh[name] = tvm.ir.GlobalVar(name)
+            relax.expr._update_type(fresh[name], func.ty)  # what BlockBuilder.add_func does
+            funcs[fresh[name]] = func
+        else:
+            funcs[gv] = func
+
+    @relax.expr_functor.mutator
+    class _Packer(relax.PyExprMutator):
+        def visit_call_(self, call):  # noqa: N802 - TVM's visitor naming
+            call = super().visit_call_(call)
+            if not (isinstance(call, relax.Call) and call.op.same_as(_call_tir_op())):
+                return call
+            callee = call.args[0]
+            name = str(callee.name_hint) if isinstance(callee, tvm.ir.GlobalVar) else None
+            if name not in packings:
+                return call
+            index, packing = packings[name]
+            args = list(call.args[1].fields)
+            args[index] = relax.const(packing.pack(args[index].value.numpy()))
+            new_args = [fresh[name], relax.Tuple(args), *call.args[2:]]
+            return relax.Call(call.op, new_args, call.attrs, call.ty_args, call.span)
+
+    out = tvm.IRModule(funcs, attrs=mod.attrs)
+    packer = _Packer(out)
+    for gv, func in list(out.functions_items()):
+        if isinstance(func, relax.Function):
+            out[gv] = packer.visit_expr(func)
+    return out
+
+
+def tune(*args, **kwargs):
+    """Run MetaSchedule on a legalised, fused module; see ``tuning.tune``."""
+    from .tuning import tune as _tune
+
+    return _tune(*args, **kwargs)
+
+
+def apply_database(*args, **kwargs):
+    """Replace PrimFuncs with their tuned schedules from a database dir; see ``tuning``."""
+    from .tuning import apply_database as _apply
+
+    return _apply(*args, **kwargs)

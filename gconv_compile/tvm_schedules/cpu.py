@@ -1,0 +1,372 @@
+"""Hand-written llvm (x86/ARM) schedules for NCHW conv2d, dense, grouped and depthwise.
+
+One template covers the three kinds; what changes is the register tile::
+
+    for n, y_blk, f_o, y_o, x_o   (parallel over n * y_blk * f_o)
+        acc[y_i, f_i, x_v] = 0                           # vector registers
+        for rc, ry, rx:                                  # the group's input channels, the taps
+            for y_i, f_i (unrolled), x_v (vectorised):
+                acc[y_i, f_i, x_v] += inp[.., y*s + ry*d, x*s + rx*d] * w[f, rc, ry, rx]
+        out[...] = epilogue(acc)                         # bias, BN, activation, residual add
+
+- the vector runs along the output row (``x_v``), or along whole rows for a 1x1 stride-1 conv
+  with narrow rows (7x7, 14x14 maps), so input loads are contiguous and the weight is a broadcast;
+- ``f_i`` output channels of one group share each input vector load (register tiling); for
+  depthwise convs (one channel per group) the tile grows along rows instead;
+- the accumulator tile lives in registers and the fused epilogue is applied to it before the
+  single store, so the conv's intermediate never reaches memory;
+- for 1x1 convs the rows are blocked (``y_blk``) so the input panel stays in L2 across all
+  output-channel tiles.
+
+Vector width comes from the target's ``mcpu`` (LLVM's own CPU tables: AVX-512 -> 16 float lanes,
+AVX2 -> 8, NEON -> 4); ``host_target()`` detects the host.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from dataclasses import dataclass
+
+from tvm import s_tir, tirx
+from tvm.target import Target
+
+from ._conv import ConvInfo, find_conv
+
+logger = logging.getLogger(__name__)
+
+L2_PANEL_BYTES = 256 * 1024  # input panel kept hot across output-channel tiles
+
+
+@dataclass(frozen=True)
+class CpuTile:
+    """The register and cache tile chosen for one conv.
+
+    ``form`` is 'pixel' (vector along output pixels, weights broadcast) or 'channel' (vector
+    along output channels of one group, pixels broadcast, weights packed OIHW -> O/v,I,H,W,v).
+    """
+
+    form: str
+    lanes: int  # float32 lanes of one vector register
+    vector: int  # elements in the vectorised loop (a power of two)
+    f_reg: int  # output-channel steps per register tile (vectors of them in 'channel' form)
+    y_reg: int  # output rows per register tile (not for 1x1 stride-1 convs)
+    x_reg: int  # pixel steps per register tile (vectors of them in 'pixel' form)
+    block: int  # register tiles per L2 block along rows (or flattened pixels)
+
+    @property
+    def pixels(self) -> int:
+        """Flattened output pixels per register tile along the row (1x1 stride-1 convs)."""
+        return self.x_reg * (self.vector if self.form == "pixel" else 1)
+
+    def describe(self) -> str:
+        acc = self.f_reg * self.y_reg * self.x_reg
+        along = "pixels" if self.form == "pixel" else "output channels"
+        return (
+            f"{self.form} form: {self.vector}-wide vectors along {along}, "
+            f"{acc} accumulators ({self.f_reg} ch x {self.y_reg} row x {self.x_reg} col), "
+            f"{self.lanes} lanes"
+        )
+
+
+def host_target(num_cores: int | None = None) -> dict:
+    """An llvm target dict for this machine: LLVM's name for the host CPU and its core count."""
+    from tvm.target import codegen
+
+    cpu = codegen.llvm_get_system_cpu()
+    triple = codegen.llvm_get_system_triple()
+    # Conda-built LLVM reports vendor 'conda'; the target checker only wants arch-os-abi.
+    parts = triple.split("-")
+    if len(parts) == 4:
+        triple = f"{parts[0]}-{parts[2]}-{parts[3]}"
+    target = {"kind": "llvm", "mtriple": triple, "num-cores": num_cores or os.cpu_count() or 1}
+    if cpu and cpu != "generic":
+        target["mcpu"] = cpu
+    return target
+
+
+def vector_lanes(target: Target) -> tuple[int, int]:
+    """(float32 lanes per vector register, vector registers) for an llvm target."""
+    from tvm.target import codegen
+
+    bits = 128
+    try:
+        with target:
+            width = int(codegen.llvm_get_vector_width(target))
+        if width > 0:
+            bits = width
+    except Exception:  # noqa: BLE001 - older LLVM or no mcpu: keep a safe 128-bit guess
+        logger.debug("no LLVM vector width for %s; assuming 128 bits", target)
+    lanes = max(bits // 32, 4)
+    registers = 32 if bits >= 512 else 16
+    return lanes, registers
+
+
+def _divisors(n: int, cap: int | None = None) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0 and (cap is None or d <= cap)]
+
+
+def _pow2_divisor(n: int, cap: int) -> int:
+    v = 1
+    while v * 2 <= cap and n % (v * 2) == 0:
+        v *= 2
+    return v
+
+
+def _lane_use(vector: int, lanes: int) -> float:
+    # Half-width vectors run at full FLOP rate on cores that split 512-bit ops (Zen 4) and at
+    # half rate elsewhere; count them as 0.75.
+    if vector >= lanes:
+        return 1.0
+    if 2 * vector >= lanes:
+        return 0.75
+    return vector / lanes
+
+
+def _best_register_tile(budget: int, f_opts: list[int], x_opts: list[int], y_opts: list[int]) -> tuple[float, int, int, int] | None:  # fmt: skip
+    """Best (score, f, y, x) register tile: most FMAs per load, then most accumulators."""
+    best = None
+    for f in f_opts:
+        for y in y_opts:
+            for x in x_opts:
+                acc = f * y * x
+                if acc > budget:
+                    continue
+                loads = f + y * x  # one operand per channel step, one per pixel step
+                key = (acc / loads, acc)
+                if best is None or key > best[0]:
+                    best = (key, f, y, x)
+    if best is None:
+        return None
+    return best[0][0], best[1], best[2], best[3]
+
+
+def choose_tile(conv: ConvInfo, lanes: int, registers: int, *, can_pack: bool) -> CpuTile:
+    """Pick the form and the register tile for ``conv`` (a static model, no measurement)."""
+    budget = registers - 6  # room for the input vector, broadcasts and addresses
+    pointwise = conv.is_pointwise
+    # Flattened output pixels of one row unit: 1x1 stride-1 convs read whole planes contiguously.
+    row_len = conv.out_h * conv.out_w if pointwise else conv.out_w
+    rows = 1 if pointwise else conv.out_h
+    y_opts = [1] if pointwise else _divisors(rows, 4)
+    candidates = []
+    # pixel form: vectors along the row; a tile must not straddle rows unevenly (1x1 convs)
+    x_vec = _pow2_divisor(row_len, lanes)
+    if x_vec >= 4:
+        x_opts = [
+            x for x in _divisors(row_len // x_vec, 8)
+            if not pointwise or conv.out_w % (x * x_vec) == 0 or (x * x_vec) % conv.out_w == 0
+        ]  # fmt: skip
+        tile = _best_register_tile(budget, _divisors(conv.out_per_group, 8), x_opts, y_opts)
+        if tile:
+            score, f, y, x = tile
+            candidates.append(
+                (_lane_use(x_vec, lanes), score, CpuTile("pixel", lanes, x_vec, f, y, x, 1))
+            )
+    f_vec = _pow2_divisor(conv.out_per_group, lanes)
+    if can_pack and f_vec >= 4:
+        f_opts = _divisors(conv.out_per_group // f_vec, 4)
+        x_opts = [
+            x for x in _divisors(row_len, 12)
+            if not pointwise or conv.out_w % x == 0 or x % conv.out_w == 0
+        ]  # fmt: skip
+        tile = _best_register_tile(budget, f_opts, x_opts, y_opts)
+        if tile:
+            score, f, y, x = tile
+            candidates.append(
+                (_lane_use(f_vec, lanes), score, CpuTile("channel", lanes, f_vec, f, y, x, 1))
+            )
+    if not candidates:
+        x_opts = _divisors(row_len, 8)
+        _, f, y, x = _best_register_tile(
+            budget, _divisors(conv.out_per_group, 8), x_opts, y_opts, "x"
+        )
+        return _with_block(conv, CpuTile("pixel", lanes, 1, f, y, x, 1))
+    best = max(candidates, key=lambda c: (c[0] * min(c[1], 3.0), c[1]))[2]
+    return _with_block(conv, best)
+
+
+def _with_block(conv: ConvInfo, tile: CpuTile) -> CpuTile:
+    """Block rows (or pixel tiles) so the input panel of one block stays in L2."""
+    if conv.is_pointwise:
+        units = conv.out_h * conv.out_w // tile.pixels
+        unit_bytes = conv.in_per_group * tile.pixels * 4
+    else:
+        units = conv.out_h // tile.y_reg
+        unit_bytes = (
+            conv.in_per_group * tile.y_reg * conv.stride[0] * conv.out_w * conv.stride[1] * 4
+        )
+    fits = [b for b in _divisors(units) if b * unit_bytes <= L2_PANEL_BYTES]
+    block = max(fits) if fits else 1
+    return CpuTile(tile.form, tile.lanes, tile.vector, tile.f_reg, tile.y_reg, tile.x_reg, block)
+
+
+@dataclass
+class Packing:
+    """A weight parameter whose layout the schedule changed: OIHW -> (O/v, I, H, W, v)."""
+
+    param: str
+    vector: int
+
+    def pack(self, weight):
+        """Apply the layout change to a numpy OIHW weight."""
+        o, i, h, w = weight.shape
+        v = self.vector
+        return weight.reshape(o // v, v, i, h, w).transpose(0, 2, 3, 4, 1).copy()
+
+
+def schedule_conv(
+    func: tirx.PrimFunc, target: Target, *, constant_params: frozenset[str] = frozenset()
+) -> tuple[tirx.PrimFunc | None, str, str, Packing | None]:
+    """Schedule the conv in ``func`` for ``target``.
+
+    Args:
+        constant_params: Parameters every caller passes as a constant; when the weight is one,
+            the schedule may change its layout (the caller then packs the constants, see
+            ``Packing``).
+
+    Returns:
+        (scheduled function, form, what was done, weight packing or None), or
+        (None, '', why the function was left alone, None).
+    """
+    sch = s_tir.Schedule(func)
+    conv = find_conv(sch)
+    if isinstance(conv, str):
+        return None, "", conv, None
+    lanes, registers = vector_lanes(target)
+    can_pack = conv.weight_is_param and conv.weight_param in constant_params
+    tile = choose_tile(conv, lanes, registers, can_pack=can_pack)
+    try:
+        packing = _apply(sch, conv, tile)
+    except Exception as err:  # noqa: BLE001 - TVM raises many kinds; the conv stays unscheduled
+        logger.debug("cpu conv schedule failed for %s: %s", conv.describe(), err)
+        return None, "", f"{conv.describe()}: schedule failed ({_first_line(err)})", None
+    func = sch.mod["main"].with_attr("tirx.is_scheduled", True)
+    return func, f"cpu-{conv.kind}-conv", f"{conv.describe()}: {tile.describe()}", packing
+
+
+def _first_line(err: Exception) -> str:
+    lines = [ln for ln in str(err).splitlines() if ln.strip()]
+    return lines[-1][:160] if lines else type(err).__name__
+
+
+def _apply(sch: s_tir.Schedule, conv: ConvInfo, tile: CpuTile) -> Packing | None:
+    block = conv.block
+    if conv.pad_block is not None and conv.pad_is_identity:
+        sch.compute_inline(conv.pad_block)
+    # One epilogue block: fold the elementwise chain into its last block.
+    if conv.epilogue:
+        for b in conv.epilogue[:-1]:
+            sch.compute_inline(b)
+        epilogue = conv.epilogue[-1]
+        sch.set_scope(block, 0, "local")
+    else:
+        epilogue = sch.cache_write(block, 0, "local")
+    packing = None
+    if tile.form == "channel":
+        v = tile.vector
+        sch.transform_layout(block, ("write", 0), lambda n, f, y, x: (n, f // v, y, x, f % v))
+        w_index = [
+            i for i, r in enumerate(sch.get(block).reads) if str(r.source.name) == conv.weight_param
+        ]
+        sch.transform_layout(
+            block, ("read", w_index[0]), lambda f, c, h, w: (f // v, c, h, w, f % v)
+        )
+        packing = Packing(conv.weight_param, v)
+    n, f, y, x, rc, ry, rx = sch.get_loops(block)
+    if tile.form == "pixel":
+        f_o, f_r = sch.split(f, [None, tile.f_reg])
+        f_inner = [f_r]
+    else:
+        f_o, f_r, f_v = sch.split(f, [None, tile.f_reg, tile.vector])
+        f_inner = [f_r, f_v]
+    if conv.is_pointwise:
+        hw = sch.fuse(y, x)
+        px_o, px_r = sch.split(hw, [None, tile.pixels])
+        blk, px_o = sch.split(px_o, [None, tile.block])
+        spatial_outer = [px_o]
+        if tile.form == "pixel":
+            x_r, x_v = sch.split(px_r, [tile.x_reg, tile.vector])
+            spatial_inner = [x_r, x_v]
+        else:
+            spatial_inner = [px_r]
+    else:
+        y_o, y_r = sch.split(y, [None, tile.y_reg])
+        blk, y_o = sch.split(y_o, [None, tile.block])
+        if tile.form == "pixel":
+            x_o, x_r, x_v = sch.split(x, [None, tile.x_reg, tile.vector])
+            spatial_inner = [y_r, x_r, x_v]
+        else:
+            x_o, x_r = sch.split(x, [None, tile.x_reg])
+            spatial_inner = [y_r, x_r]
+        spatial_outer = [y_o, x_o]
+    if tile.form == "pixel":
+        inner = spatial_inner[:-2] + f_inner + spatial_inner[-2:]
+    else:
+        inner = spatial_inner + f_inner
+    sch.reorder(n, blk, f_o, *spatial_outer, rc, ry, rx, *inner)
+    anchor = spatial_outer[-1]
+    sch.parallel(sch.fuse(n, blk, f_o))
+    for lp in inner[:-1]:
+        sch.unroll(lp)
+    sch.vectorize(inner[-1])
+    init = sch.decompose_reduction(block, rc)
+    sch.vectorize(sch.get_loops(init)[-1])
+    sch.reverse_compute_at(epilogue, anchor, preserve_unit_loops=True)
+    e_all = sch.get_loops(epilogue)
+    at = next(i for i, lp in enumerate(e_all) if sch.get(lp).same_as(sch.get(anchor)))
+    _, e_f, e_y, e_x = e_all[at + 1 :]
+    if tile.form == "pixel":
+        e_px = sch.fuse(e_y, e_x)
+        e_r, e_v = sch.split(e_px, [None, tile.vector])
+        sch.unroll(e_f)
+        sch.unroll(e_r)
+        sch.vectorize(e_v)
+    else:
+        # channel vectors in registers, NCHW output: scalar stores, fully unrolled so the
+        # accumulators stay in registers
+        sch.unroll(e_f)
+        sch.unroll(e_y)
+        sch.unroll(e_x)
+    if conv.pad_block is not None and not conv.pad_is_identity:
+        p_loops = sch.get_loops(conv.pad_block)
+        sch.parallel(sch.fuse(*p_loops[:2]))
+    return packing
+
+
+def schedule_fallback(func: tirx.PrimFunc, target: Target) -> tuple[tirx.PrimFunc | None, str]:
+    """Parallelise the outer spatial loops of every block (pooling, elementwise, small matmuls)."""
+    from tvm.s_tir.dlight.analysis import normalize_prim_func
+
+    sch = s_tir.Schedule(func)
+    infos = normalize_prim_func(sch)
+    if infos is None:
+        return None, "not normalisable"
+    done = 0
+    for info in infos:
+        kinds = info.dom_kind()
+        loops = sch.get_loops(info.block_rv)
+        if len(loops) != len(kinds):
+            continue
+        spatial = []
+        for loop, kind in zip(loops, kinds):
+            if kind != "S":
+                break
+            spatial.append(loop)
+        if not spatial:
+            continue
+        # keep the innermost loop serial so LLVM can still vectorise it
+        outer = spatial[:-1] if len(spatial) > 1 else spatial
+        extents = [sch.get(lp).extent for lp in outer]
+        if not all(isinstance(e, tirx.IntImm) for e in extents):
+            continue
+        if math.prod(int(e.value) for e in extents) < 2:
+            continue
+        sch.parallel(sch.fuse(*outer) if len(outer) > 1 else outer[0])
+        done += 1
+    if not done:
+        return None, "nothing to parallelise"
+    return sch.mod["main"].with_attr(
+        "tirx.is_scheduled", True
+    ), f"parallel outer loops of {done} block(s)"
