@@ -7,6 +7,7 @@ weights replaced by seeded random initializers, so that a channel-order bug chan
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -16,7 +17,7 @@ import onnx_ir as ir
 from builders import IR_VERSION, init, make_model, rng, tensor_info
 from onnx import helper, numpy_helper
 
-from gconv_compile.verify import ort_session
+from gconv_compile.verify import compare_results, ort_session
 
 ZOO_DIR = Path(onnx.__file__).parent / "backend" / "test" / "data" / "light"
 
@@ -66,8 +67,129 @@ def grouped_conv(
     return make_model(nodes, [x], outputs, inits, opset=opset)
 
 
+def conv_chain(
+    layers: Sequence[tuple],
+    *,
+    channels_in: int = 8,
+    spatial: Sequence = (6, 6),
+    batch="N",
+    opset: int = 17,
+    seed: int = 0,
+) -> onnx.ModelProto:
+    """X -> conv layers in sequence -> Y; each layer is (name, op, group, C_out).
+
+    3x3 kernels with 'same' pads for Conv, stride-1 3x3 without pads for ConvTranspose (so the
+    spatial size grows by 2); every layer has a bias.
+    """
+    r = rng(seed)
+    nodes, inits = [], []
+    current, channels = "X", channels_in
+    for name, op, group, channels_out in layers:
+        if op == "Conv":
+            wshape = (channels_out, channels // group, 3, 3)
+            attrs = {"pads": [1, 1, 1, 1]}
+        else:
+            wshape = (channels, channels_out // group, 3, 3)
+            attrs = {}
+        fan_in = int(np.prod(wshape[1:]))
+        inits.append(
+            init(f"{name}.w", (r.standard_normal(wshape) / np.sqrt(fan_in)).astype(np.float32))
+        )
+        inits.append(init(f"{name}.b", r.standard_normal(channels_out).astype(np.float32)))
+        nodes.append(helper.make_node(op, [current, f"{name}.w", f"{name}.b"], [f"{name}.y"],
+                                      name=name, group=group, **attrs))  # fmt: skip
+        current, channels = f"{name}.y", channels_out
+    nodes.append(helper.make_node("Identity", [current], ["Y"], name="out"))
+    x = tensor_info("X", [batch, channels_in, *spatial])
+    y = tensor_info("Y", [batch, channels, None, None])
+    return make_model(nodes, [x], [y], inits, opset=opset)
+
+
+def grouped_conv_in_function(
+    *, group: int = 4, channels: int = 8, opset: int = 17
+) -> onnx.ModelProto:
+    """X -> local function (Conv(group) with weights from Constant nodes) -> Y."""
+    r = rng(3)
+    weight = r.standard_normal((channels, channels // group, 3, 3)).astype(np.float32)
+    bias = r.standard_normal(channels).astype(np.float32)
+    body = [
+        helper.make_node("Constant", [], ["w"], value=numpy_helper.from_array(weight)),
+        helper.make_node("Constant", [], ["b"], value=numpy_helper.from_array(bias)),
+        helper.make_node("Conv", ["x", "w", "b"], ["y"], name="fconv", group=group, pads=[1] * 4),
+    ]
+    function = helper.make_function(
+        "local", "GroupedBlock", ["x"], ["y"], body, [helper.make_opsetid("", opset)]
+    )
+    node = helper.make_node("GroupedBlock", ["X"], ["Y"], domain="local", name="call")
+    return make_model(
+        [node], [tensor_info("X", ["N", channels, 5, 5])], [tensor_info("Y", ["N", channels, 5, 5])],
+        opset=opset, functions=[function], extra_opsets=[helper.make_opsetid("local", 1)],
+    )  # fmt: skip
+
+
+def grouped_conv_in_if(*, group: int = 2, channels: int = 4) -> onnx.ModelProto:
+    """X, flag -> If(flag) with a grouped Conv in the then-branch, Identity in the else-branch."""
+    r = rng(4)
+    weight = r.standard_normal((channels, channels // group, 3, 3)).astype(np.float32)
+    then_graph = helper.make_graph(
+        [helper.make_node("Conv", ["X", "sub_w"], ["t"], name="sub_conv", group=group,
+                          pads=[1] * 4)],  # fmt: skip
+        "then", [], [tensor_info("t", ["N", channels, 5, 5])], [init("sub_w", weight)],
+    )  # fmt: skip
+    else_graph = helper.make_graph(
+        [helper.make_node("Identity", ["X"], ["e"])],
+        "else",
+        [],
+        [tensor_info("e", ["N", channels, 5, 5])],
+    )
+    node = helper.make_node("If", ["flag"], ["Y"], name="if", then_branch=then_graph,
+                            else_branch=else_graph)  # fmt: skip
+    inputs = [
+        tensor_info("X", ["N", channels, 5, 5]),
+        tensor_info("flag", [], onnx.TensorProto.BOOL),
+    ]
+    return make_model([node], inputs, [tensor_info("Y", ["N", channels, 5, 5])])
+
+
+def assert_same_outputs(
+    before: onnx.ModelProto,
+    after: onnx.ModelProto | ir.Model,
+    *,
+    seeds: Sequence[int] = (0, 1),
+    feeds: Sequence[dict] | None = None,
+) -> float:
+    """onnxruntime gives ``after`` the outputs of ``before`` on seeded normal inputs.
+
+    Also asserts the reference outputs vary, so the comparison cannot pass by accident on
+    constant outputs. Returns the largest absolute difference.
+    """
+    feeds = feeds or [random_feeds(before, seed) for seed in seeds]
+    references = [ort_run(before, f) for f in feeds]
+    candidates = [ort_run(after, f) for f in feeds]
+    for name, value in references[0].items():
+        assert np.asarray(value).size > 1 and np.std(value) > 0, f"output '{name}' is degenerate"
+    stats = compare_results(references, candidates)
+    failures = [s.to_dict() for s in stats if not s.passed]
+    assert not failures, f"onnxruntime outputs differ: {failures}"
+    return max(s.max_abs_error for s in stats)
+
+
+def grouped_convs(model: onnx.ModelProto | ir.Model) -> list[tuple[str, str, int, int]]:
+    """(name, op, group, C_in) of every Conv/ConvTranspose with group > 1 (main graph)."""
+    found = []
+    for op, group, _attrs, weight, _bias, name in _convs(model):
+        if group > 1:
+            channels_in = weight.shape[1] * group if op == "Conv" else weight.shape[0]
+            found.append((name, op, group, channels_in))
+    return found
+
+
 def conv_weights(model: onnx.ModelProto | ir.Model) -> list[tuple]:
     """(op, group, attributes, weight, bias) of every Conv/ConvTranspose, in graph order."""
+    return [entry[:5] for entry in _convs(model)]
+
+
+def _convs(model: onnx.ModelProto | ir.Model) -> list[tuple]:
     if isinstance(model, ir.Model):
         model = ir.serde.serialize_model(model)
     tensors = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
@@ -81,8 +203,24 @@ def conv_weights(model: onnx.ModelProto | ir.Model) -> list[tuple]:
         attributes = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         group = attributes.pop("group", 1)
         bias = tensors[node.input[2]] if len(node.input) > 2 and node.input[2] else None
-        convs.append((node.op_type, group, attributes, tensors[node.input[1]], bias))
+        convs.append((node.op_type, group, attributes, tensors[node.input[1]], bias, node.name))
     return convs
+
+
+def assert_same_convs(
+    expected: onnx.ModelProto | ir.Model, actual: onnx.ModelProto | ir.Model
+) -> int:
+    """Both models hold the same convolutions in order: op, group, attributes, and bit-equal
+    weights and biases. Returns how many."""
+    want, got = conv_weights(expected), conv_weights(actual)
+    assert [(c[0], c[1], c[2]) for c in got] == [(c[0], c[1], c[2]) for c in want]
+    for (_, _, _, w0, b0), (_, _, _, w1, b1) in zip(want, got):
+        assert w1.dtype == w0.dtype and w1.shape == w0.shape
+        assert w1.tobytes() == w0.tobytes(), "weights differ"
+        assert (b0 is None) == (b1 is None)
+        if b0 is not None:
+            assert b1.tobytes() == b0.tobytes(), "biases differ"
+    return len(want)
 
 
 def ort_run(model: onnx.ModelProto | ir.Model, feeds: dict[str, np.ndarray]) -> dict:
@@ -112,6 +250,16 @@ def random_feeds(model: onnx.ModelProto, seed: int = 0, batch: int = 2, symbolic
 
 
 def zoo_model(name: str, seed: int = 0) -> onnx.ModelProto:
+    """A fresh copy of :func:`_zoo_model_bytes` (cached: AlexNet's weights take seconds)."""
+    return onnx.ModelProto.FromString(_zoo_model_bytes(name, seed))
+
+
+@functools.lru_cache(maxsize=4)
+def _zoo_model_bytes(name: str, seed: int) -> bytes:
+    return _randomised_zoo_model(name, seed).SerializeToString()
+
+
+def _randomised_zoo_model(name: str, seed: int) -> onnx.ModelProto:
     """A zoo model from the onnx wheel with seeded random weights (see module docstring).
 
     Every ConstantOfShape whose shape is an initializer becomes an initializer of that shape:
