@@ -485,7 +485,8 @@ def framework_names(spec: ConvSpec) -> dict[str, list[str]]:
         names["XLA"] = [
             f"conv_general_dilated(..., lhs_dilation={_tuple(spec.stride)}, "
             f"feature_group_count={g})",
-            "(a transposed conv is a conv over the stride-dilated input, kernel flipped)",
+            "(= a conv over the stride-dilated input, with the kernel flipped and its in/out",
+            "axes swapped within each group)",
         ]
         return names
     if spec.multiplier and dims <= 2:
@@ -813,7 +814,7 @@ class ModelExplanation:
             total_params = sum(r.params or 0 for r in self.rows)
             unknown = sum(r.params is None for r in self.rows)
             lines.append(
-                f"total: {_human(total_params)} parameters, {_total_cost(self.rows)} multiply-adds"
+                f"total: {total_params:,} parameters, {_total_cost(self.rows)} multiply-adds"
                 + (f" ({unknown} Convs with unknown weight shapes not counted)" if unknown else "")
             )
         lines.append("")
@@ -842,15 +843,15 @@ class ModelExplanation:
                     f"{pair['out_channels']}: parameters {pair['params']:,} vs "
                     f"{pair['dense_params']:,} ({pair['dense_params'] / pair['params']:.1f}x fewer)"
                 )
-                at = (
-                    f", {pair['macs_symbolic']} vs {pair['dense_macs_symbolic']} at the model's shapes"
-                    if pair["macs_symbolic"]
-                    else ""
-                )
                 lines.append(
                     f"    multiply-adds {pair['macs_per_pixel']:,} vs "
                     f"{pair['dense_macs_per_pixel']:,} per output pixel "
-                    f"({pair['dense_macs_per_pixel'] / pair['macs_per_pixel']:.1f}x fewer){at}"
+                    f"({pair['dense_macs_per_pixel'] / pair['macs_per_pixel']:.1f}x fewer)"
+                    + (
+                        f", {pair['macs_symbolic']} vs {pair['dense_macs_symbolic']} in all"
+                        if pair["macs_symbolic"]
+                        else ""
+                    )
                 )
         return lines
 

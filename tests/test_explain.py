@@ -493,3 +493,20 @@ def test_svg_has_one_block_per_group_with_its_channel_ranges(
         else:
             (block,) = [r for r in element if r.get("class") == "block"]
             assert float(block.get("width")) > 0 and float(block.get("height")) > 0
+
+
+def test_groups_doc_is_what_the_script_prints_now(tmp_path):
+    """docs/understanding_groups.md and its picture are regenerated output, not hand edits."""
+    import importlib.util
+
+    repo = Path(__file__).resolve().parents[1]
+    script = repo / "scripts" / "make_groups_docs.py"
+    spec = importlib.util.spec_from_file_location("make_groups_docs", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    (tmp_path / "run").mkdir()
+    text = module.render(tmp_path / "run", root=tmp_path)
+    stale = "stale: run .venv/bin/python scripts/make_groups_docs.py"
+    assert text == module.DOC.read_text(), stale
+    picture = module.PICTURE.relative_to(repo)
+    assert (tmp_path / picture).read_bytes() == module.PICTURE.read_bytes(), stale
