@@ -241,7 +241,9 @@ class ConvSpec:
 
 
 def conv_kind(in_channels: int, out_channels: int, groups: int) -> str:
-    """dense (groups=1), depthwise (groups=in), 'depthwise, multiplier k', or grouped."""
+    """dense (groups=1), depthwise (groups=in), 'depthwise, multiplier k', grouped or invalid."""
+    if groups < 1 or in_channels % groups or out_channels % groups:
+        return "invalid"
     if groups == 1:
         return "dense"
     if groups == in_channels:
@@ -779,6 +781,7 @@ class ModelExplanation:
     rows: list[ConvRow]
     blocks: list[dict[str, Any]]
     separable: list[dict[str, Any]]
+    fold_error: str | None = None
 
     def find(self, name: str) -> ConvRow:
         for row in self.rows:
@@ -796,13 +799,15 @@ class ModelExplanation:
             "model": self.path,
             "convs": [row.to_dict() for row in self.rows],
             "split_conv_concat": self.blocks,
+            "fold_preview_error": self.fold_error,
             "depthwise_separable": self.separable,
         }
 
     def lines(self) -> list[str]:
         counts: dict[str, int] = {}
         for row in self.rows:
-            counts[row.kind.split(",")[0]] = counts.get(row.kind.split(",")[0], 0) + 1
+            kind = "unknown" if row.kind == "?" else row.kind.split(",")[0]
+            counts[kind] = counts.get(kind, 0) + 1
         tally = ", ".join(f"{n} {kind}" for kind, n in sorted(counts.items()))
         lines = [
             f"{self.path or 'model'}: {len(self.rows)} Conv/ConvTranspose"
@@ -815,10 +820,23 @@ class ModelExplanation:
             unknown = sum(r.params is None for r in self.rows)
             lines.append(
                 f"total: {total_params:,} parameters, {_total_cost(self.rows)} multiply-adds"
-                + (f" ({unknown} Convs with unknown weight shapes not counted)" if unknown else "")
-            )
+                + (f" ({_plural(unknown, 'Conv')} of unknown weight shape not counted)"
+                   if unknown else "")
+            )  # fmt: skip
+            for row in self.rows:
+                if row.kind == "invalid":
+                    lines.append(
+                        f"invalid: {row.label} has in={row.in_channels}, out={row.out_channels}, "
+                        f"group={row.group}; see `gconv-compile explain {self.path or 'MODEL'} "
+                        f"--node {row.label}`"
+                    )
         lines.append("")
-        if self.blocks:
+        if self.fold_error:
+            lines.append(
+                f"split-conv-concat blocks: unknown, the fold pass failed ({self.fold_error}); "
+                "please report it"
+            )
+        elif self.blocks:
             lines.append(f"split-conv-concat blocks ({len(self.blocks)}):")
             for block in self.blocks:
                 where = f"{block['scope']}/{block['anchor']}" if block["scope"] else block["anchor"]
@@ -883,6 +901,10 @@ def _table(rows: list[ConvRow]) -> list[str]:
     return [fmt(header), *[fmt(r) for r in body]]
 
 
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
 def _opt(value: int | None) -> str:
     return "?" if value is None else str(value)
 
@@ -941,7 +963,7 @@ def _total_cost(rows: Sequence[ConvRow]) -> str:
         key = tuple(sorted(row.macs.symbols))
         terms[key] = terms.get(key, 0) + row.macs.coefficient
     text = " + ".join(Cost(c, k).text for k, c in terms.items()) or "0"
-    return text + (f" (+ {unknown} Convs of unknown size)" if unknown else "")
+    return text + (f" (+ {_plural(unknown, 'Conv')} of unknown size)" if unknown else "")
 
 
 def explain_model(loaded) -> ModelExplanation:
@@ -962,10 +984,16 @@ def explain_model(loaded) -> ModelExplanation:
                 row = _conv_row(label, node, facts)
                 rows.append(row)
                 nodes[id(node)] = row
-    blocks = _fold_preview(loaded)
+    fold_error = None
+    try:
+        blocks = _fold_preview(loaded)
+    except Exception as exc:  # a bug in the pass must not hide the table it does not affect
+        logger.debug("fold preview failed", exc_info=True)  # the output says so; no traceback
+        blocks = []
+        fold_error = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:200]}"
     separable = _separable_pairs(model, nodes)
     path = None if loaded.path is None else str(loaded.path)
-    return ModelExplanation(path, rows, blocks, separable)
+    return ModelExplanation(path, rows, blocks, separable, fold_error)
 
 
 def _conv_row(scope: str, node, facts) -> ConvRow:

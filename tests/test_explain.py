@@ -510,3 +510,90 @@ def test_groups_doc_is_what_the_script_prints_now(tmp_path):
     assert text == module.DOC.read_text(), stale
     picture = module.PICTURE.relative_to(repo)
     assert (tmp_path / picture).read_bytes() == module.PICTURE.read_bytes(), stale
+
+
+def _save(tmp_path, name, model) -> Path:
+    path = tmp_path / name
+    onnx.save(model, path)
+    return path
+
+
+def test_weight_of_unknown_shape_is_shown_as_symbols(capsys, tmp_path):
+    model = make_model(
+        [helper.make_node("Conv", ["X", "W"], ["Y"], name="dyn")],
+        [tensor_info("X", ["N", 8, 5, 5]), tensor_info("W", ["O", "I", 3, 3])],
+        [tensor_info("Y", ["N", None, None, None])],
+    )
+    path = _save(tmp_path, "dyn.onnx", model)
+    code, out, _ = explain(capsys, path)
+    assert code == 0
+    assert "dyn   Conv   ?    ?      1  ?     [O, I, 3, 3]       ?     ?" in out
+    assert "(1 Conv of unknown weight shape not counted)" in out
+    code, _, err = explain(capsys, path, "--node", "dyn")
+    assert code == 2 and "its weight shape is not known statically" in err
+
+
+def test_invalid_group_in_a_model_is_flagged(capsys, tmp_path):
+    # The ONNX checker accepts group=3 with 8 output channels; onnxruntime would refuse to run it.
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["X", "W"], ["Y"], name="bad", group=3)], "g",
+        [tensor_info("X", [1, 3, 5, 5])], [tensor_info("Y", [1, 8, 3, 3])],
+        [init("W", np.random.default_rng(0).standard_normal((8, 1, 3, 3)).astype(np.float32))],
+    )  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 10
+    path = _save(tmp_path, "bad.onnx", model)
+    code, out, _ = explain(capsys, path)
+    assert code == 0
+    assert "bad   Conv   3    8      3  invalid" in out
+    assert (
+        f"invalid: bad has in=3, out=8, group=3; see `gconv-compile explain {path} --node bad`"
+        in out
+    )
+    code, _, err = explain(capsys, path, "--node", "bad")
+    assert code == 2 and "Nearest valid out_channels for groups=3: 6 or 9" in " ".join(err.split())
+
+
+def test_convs_inside_subgraphs_are_listed_with_their_scope(capsys, tmp_path):
+    weight = init("W2", np.random.default_rng(0).standard_normal((4, 2, 1, 1)).astype(np.float32))
+    then = helper.make_graph(
+        [helper.make_node("Conv", ["X", "W2"], ["t"], name="inner", group=2)], "then", [],
+        [tensor_info("t", [1, 4, 5, 5])], [weight],
+    )  # fmt: skip
+    other = helper.make_graph(
+        [helper.make_node("Identity", ["X"], ["e"])], "else", [], [tensor_info("e", [1, 4, 5, 5])]
+    )
+    model = make_model(
+        [helper.make_node("If", ["c"], ["Y"], then_branch=then, else_branch=other, name="if")],
+        [tensor_info("c", [], onnx.TensorProto.BOOL), tensor_info("X", [1, 4, 5, 5])],
+        [tensor_info("Y", [1, 4, 5, 5])],
+    )
+    path = _save(tmp_path, "if.onnx", model)
+    code, out, _ = explain(capsys, path)
+    assert code == 0 and "g/then/inner  Conv   4    4      2  grouped  [4, 2, 1, 1]" in out
+    code, out, _ = explain(capsys, path, "--node", "g/then/inner")
+    assert code == 0 and "Conv2d in=4, out=4, groups=2, kernel 1x1" in out
+
+
+def test_model_without_convs(capsys, tmp_path):
+    model = make_model(
+        [helper.make_node("Relu", ["X"], ["Y"])],
+        [tensor_info("X", [1, 2])],
+        [tensor_info("Y", [1, 2])],
+    )
+    code, out, _ = explain(capsys, _save(tmp_path, "relu.onnx", model))
+    assert code == 0 and "relu.onnx: 0 Conv/ConvTranspose" in out
+    assert "split-conv-concat blocks: none" in out
+
+
+def test_a_failing_fold_pass_leaves_the_table(capsys, monkeypatch, mobile_path):
+    from passes import FoldSplitConvConcat
+
+    def broken(self, model):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(FoldSplitConvConcat, "call", broken)
+    code, out, _ = explain(capsys, mobile_path)
+    assert code == 0
+    assert any(line.startswith("dw ") and "depthwise" in line for line in out.splitlines())
+    assert "split-conv-concat blocks: unknown, the fold pass failed (RuntimeError: boom)" in out
