@@ -52,7 +52,80 @@ from .cpu import host_target
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Decision", "apply_database", "host_target", "schedule_module", "tune"]
+__all__ = [
+    "Decision",
+    "apply_database",
+    "host_target",
+    "legalize_and_fuse",
+    "relax_pipeline",
+    "schedule_module",
+    "tune",
+]
+
+
+def legalize_and_fuse(target: Target) -> list:
+    """The passes that produce the module ``schedule_module`` and ``tune`` work on."""
+    from tvm import relax
+
+    return [
+        *relax.pipeline.library_dispatch_passes(target),
+        relax.transform.LegalizeOps(),
+        relax.transform.AnnotateTIROpPattern(),
+        relax.transform.FoldConstant(),
+        relax.transform.FuseOps(),
+        relax.transform.FuseTIR(),
+    ]
+
+
+def relax_pipeline(
+    target: Target | dict | str, *, db_dir: str | None = None, decisions: list | None = None
+) -> tvm.transform.Pass:
+    """The whole Relax pipeline for ``tvm.compile(mod, target, relax_pipeline=...)``.
+
+    Legalise and fuse, apply tuned records from ``db_dir`` (if given), apply our schedules,
+    then dlight's defaults for what is left on GPUs, then TVM's lowering and finalisation.
+
+    Args:
+        target: The compile target.
+        db_dir: A MetaSchedule database directory written by ``tune`` (optional).
+        decisions: A list that receives one ``Decision`` per PrimFunc (for the report).
+    """
+    from tvm import relax
+
+    target = Target(target) if not isinstance(target, Target) else target
+
+    @tvm.transform.module_pass(opt_level=0, name="GconvRelaxPipeline")
+    def _pipeline(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
+        with target:
+            mod = tvm.transform.Sequential(legalize_and_fuse(target))(mod)
+            if db_dir is not None:
+                mod, tuned = apply_database(mod, target, db_dir)
+                logger.info("%d function(s) from the tuning database", tuned)
+            mod, made = schedule_module(mod, target)
+            if decisions is not None:
+                decisions.extend(made)
+            if target.kind.name != "llvm":
+                from tvm.s_tir import dlight as dl
+
+                mod = dl.ApplyDefaultSchedule(
+                    dl.gpu.Matmul(),
+                    dl.gpu.GEMV(),
+                    dl.gpu.Reduction(),
+                    dl.gpu.GeneralReduction(),
+                    dl.gpu.Fallback(),
+                )(mod)
+            # relax.pipeline.dataflow_lower_passes(llvm) fails in TVM 0.27 (not exported by
+            # backend.cpu_generic); these are its passes, the same for every target.
+            lower = [
+                relax.transform.RewriteDataflowReshape(),
+                relax.transform.ToNonDataflow(),
+                relax.transform.RemovePurityChecking(),
+                relax.transform.CallTIRRewrite(),
+            ]
+            mod = tvm.transform.Sequential(lower + relax.pipeline.finalize_passes(target))(mod)
+        return mod
+
+    return _pipeline
 
 
 @dataclass

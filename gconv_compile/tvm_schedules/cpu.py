@@ -161,9 +161,9 @@ def choose_tile(conv: ConvInfo, lanes: int, registers: int, *, can_pack: bool) -
         tile = _best_register_tile(budget, _divisors(conv.out_per_group, 8), x_opts, y_opts)
         if tile:
             score, f, y, x = tile
-            candidates.append(
-                (_lane_use(x_vec, lanes), score, CpuTile("pixel", lanes, x_vec, f, y, x, 1))
-            )
+            # strided convs gather their pixel vectors element by element
+            use = _lane_use(x_vec, lanes) / (2 * conv.stride[1] if conv.stride[1] > 1 else 1)
+            candidates.append((use, score, CpuTile("pixel", lanes, x_vec, f, y, x, 1)))
     f_vec = _pow2_divisor(conv.out_per_group, lanes)
     if can_pack and f_vec >= 4:
         f_opts = _divisors(conv.out_per_group // f_vec, 4)
@@ -179,9 +179,7 @@ def choose_tile(conv: ConvInfo, lanes: int, registers: int, *, can_pack: bool) -
             )
     if not candidates:
         x_opts = _divisors(row_len, 8)
-        _, f, y, x = _best_register_tile(
-            budget, _divisors(conv.out_per_group, 8), x_opts, y_opts, "x"
-        )
+        _, f, y, x = _best_register_tile(budget, _divisors(conv.out_per_group, 8), x_opts, y_opts)
         return _with_block(conv, CpuTile("pixel", lanes, 1, f, y, x, 1))
     best = max(candidates, key=lambda c: (c[0] * min(c[1], 3.0), c[1]))[2]
     return _with_block(conv, best)
