@@ -87,7 +87,7 @@ def _add_optimize(sub) -> None:
 
 
 def _run_optimize(args: argparse.Namespace) -> int:
-    from gconv_compile.model_io import check_output_path, load_model, save_model
+    from gconv_compile.model_io import check_output_path, load_model
     from gconv_compile.pipeline import fold
     from gconv_compile.report import Report
 
@@ -450,6 +450,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except GconvError as error:
         print(f"gconv-compile: error: {error}", file=sys.stderr)
         return error.exit_code
+    except BrokenPipeError:  # `gconv-compile ... | head`: the reader left, which is not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         print("gconv-compile: interrupted; nothing written", file=sys.stderr)
         return 130
