@@ -78,7 +78,11 @@ def legalize_and_fuse(target: Target) -> list:
 
 
 def relax_pipeline(
-    target: Target | dict | str, *, db_dir: str | None = None, decisions: list | None = None
+    target: Target | dict | str,
+    *,
+    db_dir: str | None = None,
+    decisions: list | None = None,
+    form: str | None = None,
 ) -> tvm.transform.Pass:
     """The whole Relax pipeline for ``tvm.compile(mod, target, relax_pipeline=...)``.
 
@@ -89,6 +93,7 @@ def relax_pipeline(
         target: The compile target.
         db_dir: A MetaSchedule database directory written by ``tune`` (optional).
         decisions: A list that receives one ``Decision`` per PrimFunc (for the report).
+        form: Prefer this CPU schedule form where it applies (tests use it).
     """
     from tvm import relax
 
@@ -101,7 +106,7 @@ def relax_pipeline(
             if db_dir is not None:
                 mod, tuned = apply_database(mod, target, db_dir)
                 logger.info("%d function(s) from the tuning database", tuned)
-            mod, made = schedule_module(mod, target)
+            mod, made = schedule_module(mod, target, form=form)
             if decisions is not None:
                 decisions.extend(made)
             if target.kind.name != "llvm":
@@ -152,7 +157,7 @@ def _is_scheduled(func) -> bool:
 
 
 def schedule_module(
-    mod: tvm.IRModule, target: Target | dict | str
+    mod: tvm.IRModule, target: Target | dict | str, *, form: str | None = None
 ) -> tuple[tvm.IRModule, list[Decision]]:
     """Apply the default conv schedules to every PrimFunc of a legalised, fused module.
 
@@ -163,6 +168,7 @@ def schedule_module(
     Args:
         mod: The module after LegalizeOps/FuseOps/FuseTIR (and, optionally, a tuning database).
         target: An llvm or cuda target.
+        form: Prefer this CPU schedule form ('pixel' or 'channel') where it applies; for tests.
 
     Returns:
         The scheduled module and one Decision per PrimFunc.
@@ -188,8 +194,8 @@ def schedule_module(
                 decisions.append(Decision(name, "tuned", "schedule from the tuning database"))
                 continue
             const_params = _constant_params(func, calls.get(name, []))
-            new, form, why, packing = backend.schedule_conv(
-                func, target, constant_params=const_params
+            new, form_done, why, packing = backend.schedule_conv(
+                func, target, constant_params=const_params, form=form
             )
             if new is not None:
                 updates[gv] = new
@@ -197,7 +203,7 @@ def schedule_module(
                     names = [str(p.name) for p in func.params]
                     packings[name] = (names.index(packing.param), packing)
                     why += f"; weight {packing.param} packed into {packing.vector}-channel vectors"
-                decisions.append(Decision(name, form, why))
+                decisions.append(Decision(name, form_done, why))
                 continue
             fallback, why_fb = backend.schedule_fallback(func, target)
             if fallback is not None:

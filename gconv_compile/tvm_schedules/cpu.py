@@ -142,8 +142,13 @@ def _best_register_tile(budget: int, f_opts: list[int], x_opts: list[int], y_opt
     return best[0][0], best[1], best[2], best[3]
 
 
-def choose_tile(conv: ConvInfo, lanes: int, registers: int, *, can_pack: bool) -> CpuTile:
-    """Pick the form and the register tile for ``conv`` (a static model, no measurement)."""
+def choose_tile(
+    conv: ConvInfo, lanes: int, registers: int, *, can_pack: bool, form: str | None = None
+) -> CpuTile:
+    """Pick the form and the register tile for ``conv`` (a static model, no measurement).
+
+    ``form`` ('pixel' or 'channel') restricts the choice where that form applies (for tests).
+    """
     budget = registers - 6  # room for the input vector, broadcasts and addresses
     pointwise = conv.is_pointwise
     # Flattened output pixels of one row unit: 1x1 stride-1 convs read whole planes contiguously.
@@ -181,6 +186,8 @@ def choose_tile(conv: ConvInfo, lanes: int, registers: int, *, can_pack: bool) -
         x_opts = _divisors(row_len, 8)
         _, f, y, x = _best_register_tile(budget, _divisors(conv.out_per_group, 8), x_opts, y_opts)
         return _with_block(conv, CpuTile("pixel", lanes, 1, f, y, x, 1))
+    if form is not None and any(c[2].form == form for c in candidates):
+        candidates = [c for c in candidates if c[2].form == form]
     best = max(candidates, key=lambda c: (c[0] * min(c[1], 3.0), c[1]))[2]
     return _with_block(conv, best)
 
@@ -215,7 +222,11 @@ class Packing:
 
 
 def schedule_conv(
-    func: tirx.PrimFunc, target: Target, *, constant_params: frozenset[str] = frozenset()
+    func: tirx.PrimFunc,
+    target: Target,
+    *,
+    constant_params: frozenset[str] = frozenset(),
+    form: str | None = None,
 ) -> tuple[tirx.PrimFunc | None, str, str, Packing | None]:
     """Schedule the conv in ``func`` for ``target``.
 
@@ -223,6 +234,7 @@ def schedule_conv(
         constant_params: Parameters every caller passes as a constant; when the weight is one,
             the schedule may change its layout (the caller then packs the constants, see
             ``Packing``).
+        form: Prefer this form ('pixel' or 'channel') where it applies (tests use it).
 
     Returns:
         (scheduled function, form, what was done, weight packing or None), or
@@ -234,7 +246,7 @@ def schedule_conv(
         return None, "", conv, None
     lanes, registers = vector_lanes(target)
     can_pack = conv.weight_is_param and conv.weight_param in constant_params
-    tile = choose_tile(conv, lanes, registers, can_pack=can_pack)
+    tile = choose_tile(conv, lanes, registers, can_pack=can_pack, form=form)
     try:
         packing = _apply(sch, conv, tile)
     except Exception as err:  # noqa: BLE001 - TVM raises many kinds; the conv stays unscheduled
