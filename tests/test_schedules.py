@@ -8,6 +8,8 @@ The CUDA cases only build (no GPU needed) and read the generated source.
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -216,3 +218,83 @@ def test_non_conv_functions_get_the_fallback():
     )
     out, ref = run_both(model, random_feeds(model, seed=5), vm)
     assert_close(out, ref, F32)
+
+
+# ------------------------------------------------------------------------------- CUDA (build only)
+
+
+def _cuda_compiler() -> str | None:
+    import shutil
+
+    try:
+        import cuda.bindings.nvrtc  # noqa: F401
+
+        return "nvrtc"
+    except ImportError:
+        return "nvcc" if shutil.which("nvcc") else None
+
+
+def chain_model(dtype: int = F32):
+    """grouped 3x3 (g=8) -> depthwise 3x3 -> dense 1x1, each with bias and Relu."""
+    r = rng(7)
+    np_t = NP[dtype]
+    specs = [("grouped", 32, 32, 8, 3), ("depthwise", 32, 32, 32, 3), ("dense", 32, 16, 1, 1)]
+    nodes, inits, x = [], [], "X"
+    for name, c_in, c_out, group, k in specs:
+        inits.append(
+            init(f"{name}_w", r.standard_normal((c_out, c_in // group, k, k)).astype(np_t))
+        )
+        inits.append(init(f"{name}_b", r.standard_normal(c_out).astype(np_t)))
+        nodes.append(helper.make_node("Conv", [x, f"{name}_w", f"{name}_b"], [f"{name}_c"], group=group,
+                                      kernel_shape=[k, k], pads=[k // 2] * 4))  # fmt: skip
+        nodes.append(helper.make_node("Relu", [f"{name}_c"], [f"{name}_y"]))
+        x = f"{name}_y"
+    outputs = [helper.make_tensor_value_info(x, dtype, [None] * 4)]
+    return make_model(nodes, [tensor_info("X", [1, 32, 20, 20], dtype)], outputs, inits)
+
+
+def _kernels(source: str) -> dict[str, str]:
+    """Kernel name -> body, from TVM's CUDA C (each kernel is declared once, then defined)."""
+    bodies: dict[str, str] = {}
+    for chunk in source.split('extern "C" __global__')[1:]:
+        head, _, body = chunk.partition("{")
+        name = re.findall(r"(\w+)\s*\(", head)[-1]  # after __launch_bounds__(N)
+        if body:
+            bodies[name] = body
+    return bodies
+
+
+@pytest.mark.parametrize("dtype", [F32, F16], ids=["float32", "float16"])
+def test_cuda_grouped_and_depthwise_use_shared_memory(dtype, monkeypatch):
+    compiler = _cuda_compiler()
+    if compiler is None:
+        pytest.skip("no CUDA compiler (nvcc or cuda-bindings NVRTC) to build with")
+    if compiler == "nvcc":
+        monkeypatch.setenv("TVM_CUDA_COMPILE_MODE", "nvcc")
+    from tvm.relax.frontend.onnx import from_onnx
+
+    target = tvm.target.Target({"kind": "cuda", "arch": "sm_90"}, host={"kind": "llvm"})
+    decisions: list = []
+    mod = from_onnx(chain_model(dtype))
+    executable = tvm.compile(
+        mod, target, relax_pipeline=tvm_schedules.relax_pipeline(target, decisions=decisions)
+    )
+    forms = {d.function: d.schedule for d in decisions}
+    assert sorted(forms.values()) == ["cuda-depthwise-spatial", "cuda-grouped-igemm", "dlight"], (
+        forms
+    )
+    sources = []
+
+    def walk(module):
+        for sub in module.imports:
+            if sub.kind == "cuda":
+                sources.append(sub.inspect_source())
+            walk(sub)
+
+    walk(executable.mod)
+    kernels = _kernels("\n".join(sources))
+    for function, form in forms.items():
+        body = next(b for name, b in kernels.items() if name.startswith(function))
+        if form.startswith("cuda-"):
+            assert "__shared__" in body, function
+            assert "__syncthreads" in body, function

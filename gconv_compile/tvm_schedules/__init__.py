@@ -209,6 +209,8 @@ def schedule_module(
             if fallback is not None:
                 updates[gv] = fallback
                 decisions.append(Decision(name, f"{kind}-fallback", f"{why}; {why_fb}"))
+            elif kind == "cuda":
+                decisions.append(Decision(name, "dlight", why))
             else:
                 decisions.append(Decision(name, "none", f"{why}; {why_fb}"))
     if updates:
