@@ -184,6 +184,36 @@ def test_unsupported_op_is_a_user_error_and_writes_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+OUTPUT_SHAPE_CASES = {
+    # natural 15x15; H exact, W one smaller (pads), under NOTSET and SAME_UPPER
+    "pads-notset": {"strides": [2, 2], "output_shape": [15, 14]},
+    "pads-same-upper": {"strides": [2, 2], "output_shape": [14, 13], "auto_pad": "SAME_UPPER"},
+    # larger than natural: becomes output_padding
+    "output-padding": {"strides": [3, 2], "output_shape": [22, 16]},
+}
+
+
+@pytest.mark.parametrize("case", list(OUTPUT_SHAPE_CASES))
+def test_convtranspose_output_shape_is_honoured(case):
+    """TVM ignores output_shape; compile turns it into pads/output_padding first."""
+    model = grouped_conv(group=2, transpose=True, attrs=OUTPUT_SHAPE_CASES[case])
+    result = verify(model, target="llvm", seeds=(0,))
+    assert result.passed, "\n".join(result.lines())
+    wanted = OUTPUT_SHAPE_CASES[case]["output_shape"]
+    assert all(stat.shape[2:] == wanted for stat in result.check.outputs)
+
+
+def test_convtranspose_output_shape_needs_a_static_input_size():
+    model = grouped_conv(
+        group=2, transpose=True, spatial=("H", "W"),
+        attrs={"strides": [2, 2], "output_shape": [15, 14]},
+    )  # fmt: skip
+    with pytest.raises(UserError, match="bind it with --shape"):
+        compile(model, "llvm", check=False)
+    compiled = compile(model, "llvm", check=False, shapes={"X": [1, 8, 7, 7]})
+    assert compiled.info.inputs[0].shape == [1, 8, 7, 7]
+
+
 # ------------------------------------------------------------------------------- cuda
 
 
