@@ -73,7 +73,12 @@ class Report:
         elif self.check_note:
             out.append(f"{'check':8} {self.check_note}")
         kinds = {r.pass_name for r in self.rewrites}
-        noun = "blocks folded" if kinds <= {"fold-split-conv-concat"} else "rewrites"
+        if kinds == {"fold-split-conv-concat"} or (not kinds and self.command == "optimize"):
+            noun = "blocks folded"
+        elif kinds == {"expand-grouped-conv"} or (not kinds and self.command == "expand"):
+            noun = "convs expanded"
+        else:
+            noun = "rewrites"
         out.append(
             f"summary: {len(self.rewrites)} {noun}, {len(self.skips)} skipped; "
             f"nodes {self.nodes_before} -> {self.nodes_after}"
