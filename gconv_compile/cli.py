@@ -359,7 +359,8 @@ def _add_verify(sub) -> None:
         "one is not, 2 for bad input (a missing library, one compiled from another model, a bad "
         ".npz, wrong shapes).",
         epilog="Default tolerances (atol, rtol): float32 1e-5, 1e-4 on CPU and 1e-4, 1e-3 on "
-        "CUDA (fast math, other summation order); float16 1e-2, 1e-2. " + _CUDA_NOTE,
+        "CUDA (fast math, other summation order); float16 1e-2, 1e-2; the default atol is "
+        "multiplied by the output's RMS when that is above 1. " + _CUDA_NOTE,
     )
     p.add_argument("input", metavar="IN.onnx", help="the original model")
     which = p.add_mutually_exclusive_group()

@@ -779,8 +779,26 @@ class Runner:
             )
         return {spec.name: value.numpy() for spec, value in zip(self.info.outputs, values)}
 
-    def sync(self) -> None:
+    def time_runs(
+        self, feeds: Mapping[str, np.ndarray], *, warmup: int = 3, runs: int = 20
+    ) -> list[float]:
+        """Seconds per run, inputs already on the device, synchronised after each run."""
+        import tvm
+
+        args = [
+            tvm.runtime.tensor(np.ascontiguousarray(feeds[spec.name]), device=self.device)
+            for spec in self.info.inputs
+        ]
+        for _ in range(warmup):
+            self._main(*args)
         self.device.sync()
+        times = []
+        for _ in range(runs):
+            started = time.perf_counter()
+            self._main(*args)
+            self.device.sync()
+            times.append(time.perf_counter() - started)
+        return times
 
 
 class _CallableModule(types.ModuleType):

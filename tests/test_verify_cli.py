@@ -166,3 +166,17 @@ def test_verify_cuda_library_without_gpu_exits_2(work, capsys):
     code = main(["verify", str(work / "a.onnx"), "--lib", str(work / "a_cuda.so")])
     assert code == 2
     assert "needs a GPU" in capsys.readouterr().err
+
+
+def test_default_atol_scales_with_the_output_rms_and_explicit_atol_does_not():
+    from gconv_compile.tvm_verify import _compare
+
+    ref = np.random.default_rng(0).standard_normal((4, 100)).astype(np.float32) * 1000
+    rounding = ref + np.float32(1e-3)  # ~1e-6 of the scale: float32 rounding over a deep net
+    wrong = ref + np.float32(1.0)
+    (ok,) = _compare([{"y": ref}], [{"y": rounding}], "cpu", None, None)
+    (bad,) = _compare([{"y": ref}], [{"y": wrong}], "cpu", None, None)
+    (strict,) = _compare([{"y": ref}], [{"y": rounding}], "cpu", 1e-5, 0.0)
+    assert ok.passed and "output RMS" in ok.note and ok.atol > 1e-3
+    assert not bad.passed
+    assert not strict.passed and strict.atol == 1e-5
