@@ -110,7 +110,8 @@ def check_model(name: str, model: onnx.ModelProto, target: str, args, folder: Pa
         for spec in runner.info.inputs
     }
     runner.run(feeds)  # the first run loads the CUDA module (NVRTC/nvcc compile)
-    print(f"load      {time.perf_counter() - started:.1f} s (incl. CUDA C compile, first run)")
+    what = "load + CUDA C compile + first run" if target == "cuda" else "load + first run"
+    print(f"load      {time.perf_counter() - started:.1f} s ({what})")
     result = verify(path, library=library, seeds=range(args.seeds))
     for line in result.lines():
         print(line)
