@@ -38,6 +38,7 @@ from gconv_compile.compile import (
     Runner,
     TensorSpec,
     compile,
+    cuda_available,
     default_target_kind,
     load_library,
     model_fingerprint,
@@ -169,6 +170,10 @@ def verify(
         kind = target or default_target_kind()
         specs = [TensorSpec.from_value(v) for v in graph_inputs(loaded.model)]
     report.target = kind
+    if kind == "cuda" and not cuda_available():
+        if library is not None:
+            raise UserError(f"{library}: a CUDA library needs a GPU and none is visible")
+        raise UserError("a CUDA build runs on a GPU and none is visible; verify with --target llvm")
     if inputs is not None:
         if shapes:
             raise UserError("--shape applies to random inputs; --inputs fixes the shapes")

@@ -118,6 +118,11 @@ BAD_VERIFY = {
     "zero-seeds": (["--lib", "{w}/a.so", "--seeds", "0"], "--seeds"),
     "negative-rtol": (["--lib", "{w}/a.so", "--rtol", "-1"], "--rtol"),
     "unknown-target": (["--target", "tpu"], "invalid choice"),
+    **(
+        {}
+        if cuda_available()
+        else {"cuda-target-without-gpu": (["--target", "cuda"], "none is visible")}
+    ),
 }
 
 
