@@ -119,3 +119,343 @@ def split_conv_concat(
     x = tensor_info("X", [batch, channels, *spatial])
     y = helper.make_tensor_value_info("Y", TensorProto.FLOAT, [batch, None, *([None] * len(spatial))])
     return make_model(nodes, [x], [y], inits, opset=opset)
+
+
+# ------------------------------------------------------------------------------------------
+# Incremental builder for the fold pass tests: any split form, per-branch Conv settings,
+# weights as initializers or Constant nodes, blocks inside subgraphs and functions.
+
+INT64_MAX = np.iinfo(np.int64).max
+
+# Activation name -> (attributes, constant extra inputs). Parameters differ from the defaults so
+# that dropping an attribute or an input during a rewrite changes the numbers.
+ACTIVATIONS: dict[str, tuple[dict, tuple]] = {
+    "Relu": ({}, ()),
+    "LeakyRelu": ({"alpha": 0.2}, ()),
+    "Sigmoid": ({}, ()),
+    "Tanh": ({}, ()),
+    "Clip": ({}, (np.float32(-0.5), np.float32(0.7))),
+    "HardSwish": ({}, ()),
+    "HardSigmoid": ({"alpha": 0.3, "beta": 0.4}, ()),
+    "Elu": ({"alpha": 0.5}, ()),
+    "Softplus": ({}, ()),
+}
+
+
+class GraphBuilder:
+    """Collects nodes and initializers for one graph; names are fresh and deterministic.
+
+    Child builders (``child()``) share the name counter and the random generator, so a subgraph
+    or function body can be built with names that never collide with the parent's.
+    """
+
+    def __init__(self, seed: int = 0, *, _parent: GraphBuilder | None = None) -> None:
+        self.rng = _parent.rng if _parent else rng(seed)
+        self._counter = _parent._counter if _parent else {}
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: list[TensorProto] = []
+
+    def child(self) -> GraphBuilder:
+        return GraphBuilder(_parent=self)
+
+    def fresh(self, prefix: str) -> str:
+        index = self._counter.get(prefix, 0)
+        self._counter[prefix] = index + 1
+        return f"{prefix}{index}"
+
+    def const(self, array, prefix: str = "k", *, as_node: bool = False) -> str:
+        """An initializer, or a Constant node when ``as_node`` (function bodies have no initializers)."""
+        name = self.fresh(prefix)
+        tensor = numpy_helper.from_array(np.asarray(array), name)
+        if as_node:
+            self.nodes.append(
+                helper.make_node("Constant", [], [name], value=tensor, name=f"{name}_node")
+            )
+        else:
+            self.initializers.append(tensor)
+        return name
+
+    def int64(self, values, prefix: str = "i", *, as_node: bool = False) -> str:
+        return self.const(np.asarray(values, dtype=np.int64), prefix, as_node=as_node)
+
+    def random(self, shape, prefix: str = "w", *, as_node: bool = False) -> str:
+        return self.const(
+            self.rng.standard_normal(shape).astype(np.float32), prefix, as_node=as_node
+        )
+
+    def op(
+        self,
+        op_type: str,
+        inputs,
+        *,
+        outputs: int = 1,
+        name: str | None = None,
+        out: str | None = None,
+        **attrs,
+    ):
+        """Add a node; returns its output name (``out`` if given), or the list when ``outputs > 1``."""
+        names = [out] if out else [self.fresh(op_type.lower()) for _ in range(outputs)]
+        self.nodes.append(
+            helper.make_node(
+                op_type, list(inputs), names, name=name or self.fresh(f"{op_type}_"), **attrs
+            )
+        )
+        return names[0] if outputs == 1 else names
+
+    def conv(
+        self,
+        x: str,
+        c_in: int,
+        c_out: int,
+        kernel: Sequence[int],
+        *,
+        group: int = 1,
+        bias: bool = True,
+        transpose: bool = False,
+        weight: str | None = None,
+        as_node: bool = False,
+        consts: GraphBuilder | None = None,
+        **attrs,
+    ) -> str:
+        """Conv (weight [c_out, c_in/g, k...]) or ConvTranspose (weight [c_in, c_out/g, k...])."""
+        consts = consts or self
+        if weight is None:
+            shape = (
+                (c_in, c_out // group, *kernel) if transpose else (c_out, c_in // group, *kernel)
+            )
+            weight = consts.random(shape, "w", as_node=as_node)
+        inputs = [x, weight]
+        if bias:
+            inputs.append(consts.random((c_out,), "b", as_node=as_node))
+        if group != 1:
+            attrs["group"] = group
+        return self.op(
+            "ConvTranspose" if transpose else "Conv", inputs, name=self.fresh("conv"), **attrs
+        )
+
+    def batch_norm(
+        self,
+        x: str,
+        channels: int,
+        *,
+        as_node: bool = False,
+        consts: GraphBuilder | None = None,
+        **attrs,
+    ) -> str:
+        consts = consts or self
+        r = self.rng
+        params = [
+            consts.const(
+                r.uniform(0.5, 1.5, channels).astype(np.float32), "bn_scale", as_node=as_node
+            ),
+            consts.const(
+                r.standard_normal(channels).astype(np.float32), "bn_bias", as_node=as_node
+            ),
+            consts.const(
+                r.standard_normal(channels).astype(np.float32), "bn_mean", as_node=as_node
+            ),
+            consts.const(
+                r.uniform(0.5, 2.0, channels).astype(np.float32), "bn_var", as_node=as_node
+            ),
+        ]
+        attrs.setdefault("epsilon", 1e-3)
+        return self.op("BatchNormalization", [x, *params], **attrs)
+
+    def activation(
+        self, x: str, spec, *, as_node: bool = False, consts: GraphBuilder | None = None
+    ) -> str:
+        """``spec``: an ACTIVATIONS name, or (op_type, attributes, extra constant inputs)."""
+        consts = consts or self
+        op_type, attrs, extras = (spec, *ACTIVATIONS[spec]) if isinstance(spec, str) else spec
+        inputs = [x] + [consts.const(np.asarray(e), "act_param", as_node=as_node) for e in extras]
+        return self.op(op_type, inputs, **attrs)
+
+    def split(
+        self, x: str, sizes: Sequence[int], *, form: str, axis: int = 1, as_node: bool = False
+    ) -> list[str]:
+        """Split ``x`` with the given sizes, in one of the Split encodings.
+
+        Forms: ``split11`` (attribute), ``split13`` (input), ``split18`` (``num_outputs``),
+        ``equal`` (no sizes at all: the opset decides the equal parts).
+        """
+        n = len(sizes)
+        if form == "split11":
+            return self.op("Split", [x], outputs=n, axis=axis, split=list(sizes))
+        if form == "split13":
+            return self.op(
+                "Split", [x, self.int64(sizes, "split", as_node=as_node)], outputs=n, axis=axis
+            )
+        if form == "split18":
+            return self.op("Split", [x], outputs=n, axis=axis, num_outputs=n)
+        if form == "equal":
+            return self.op("Split", [x], outputs=n, axis=axis)
+        raise ValueError(form)
+
+    def slice(
+        self,
+        x: str,
+        start: int,
+        end: int,
+        *,
+        axis: int = 1,
+        step: int | None = None,
+        as_node: bool = False,
+    ) -> str:
+        inputs = [
+            x,
+            self.int64([start], "start", as_node=as_node),
+            self.int64([end], "end", as_node=as_node),
+            self.int64([axis], "axes", as_node=as_node),
+        ]
+        if step is not None:
+            inputs.append(self.int64([step], "steps", as_node=as_node))
+        return self.op("Slice", inputs)
+
+    def chunk_slices(self, x: str, n: int, *, axis: int = 1) -> list[str]:
+        """Slices with bounds computed from Shape(x) at run time, like TorchScript's torch.chunk.
+
+        chunk = (C + n - 1) / n; part i = x[:, chunk*i : chunk*(i+1)] (the last ends at INT64_MAX).
+        """
+        shape = self.op("Shape", [x])
+        channels = self.op(
+            "Gather", [shape, self.const(np.array(axis, np.int64), "axis_index")], axis=0
+        )
+        rounded = self.op("Add", [channels, self.const(np.array(n - 1, np.int64), "n_minus_1")])
+        chunk = self.op("Div", [rounded, self.const(np.array(n, np.int64), "n")])
+        zero = self.int64([0], "unsqueeze_axes")
+        parts = []
+        for i in range(n):
+            start = self.op("Mul", [chunk, self.const(np.array(i, np.int64), "index")])
+            if i == n - 1:
+                end = self.int64([INT64_MAX], "int64_max")
+            else:
+                stop = self.op("Mul", [chunk, self.const(np.array(i + 1, np.int64), "index")])
+                end = self.op("Unsqueeze", [stop, zero])
+            parts.append(
+                self.op(
+                    "Slice",
+                    [x, self.op("Unsqueeze", [start, zero]), end, self.int64([axis], "axes")],
+                )
+            )
+        return parts
+
+    def graph(self, inputs, outputs, name: str = "g") -> onnx.GraphProto:
+        return helper.make_graph(self.nodes, name, list(inputs), list(outputs), self.initializers)
+
+    def model(self, inputs, outputs, *, opset: int = OPSET, **kwargs) -> onnx.ModelProto:
+        return make_model(self.nodes, inputs, outputs, self.initializers, opset=opset, **kwargs)
+
+
+def conv_block(
+    b: GraphBuilder,
+    x: str,
+    *,
+    channels: int,
+    n: int = 2,
+    form: str = "split13",
+    sizes: Sequence[int] | None = None,
+    ranges: Sequence[tuple[int, int]] | None = None,
+    out_per_branch: int = 4,
+    kernel: Sequence[int] = (3, 3),
+    conv_attrs: dict | None = None,
+    group: int = 1,
+    bias: bool = True,
+    batch_norm: bool = False,
+    activation=None,
+    transpose: bool = False,
+    as_node: bool = False,
+    shared_weight: bool = False,
+    concat_axis: int = 1,
+    concat_order: Sequence[int] | None = None,
+    overrides: Sequence[dict] | None = None,
+    consts: GraphBuilder | None = None,
+    output: str | None = None,
+) -> str:
+    """Split ``x`` (``channels`` on axis 1) into branches of Conv [-> BN] [-> act], then Concat.
+
+    ``form`` picks the splitter: a Split form of ``GraphBuilder.split``, or ``slice`` (initializer
+    bounds), ``slice_node`` (Constant-node bounds), ``slice_negative`` (axis -rank+1, negative
+    bounds, the last end INT64_MAX) or ``chunk`` (bounds from Shape arithmetic). ``ranges``
+    gives explicit [start, stop) channel ranges for the slice forms. ``overrides[i]`` replaces
+    any of kernel, conv_attrs, group, bias, batch_norm, activation, out_per_branch for branch i.
+    Default Conv attributes are centred 'same' pads. Returns the Concat output name (``output``
+    if given).
+    """
+    consts = consts or b
+    rank = len(kernel) + 2
+    if ranges is None:
+        sizes = list(sizes or [channels // n] * n)
+        bounds = np.cumsum([0, *sizes])
+        ranges = [(int(lo), int(hi)) for lo, hi in zip(bounds[:-1], bounds[1:])]
+    n = len(ranges)
+    if form.startswith("split") or form == "equal":
+        parts = b.split(x, [hi - lo for lo, hi in ranges], form=form, as_node=as_node)
+    elif form in ("slice", "slice_node"):
+        parts = [b.slice(x, lo, hi, as_node=as_node or form == "slice_node") for lo, hi in ranges]
+    elif form == "slice_negative":
+        parts = [
+            b.slice(
+                x,
+                lo - channels,
+                INT64_MAX if hi == channels else hi - channels,
+                axis=1 - rank,
+                as_node=as_node,
+            )
+            for lo, hi in ranges
+        ]
+    elif form == "chunk":
+        parts = b.chunk_slices(x, n)
+    else:
+        raise ValueError(form)
+    outs = []
+    weight = None
+    for i, (part, (lo, hi)) in enumerate(zip(parts, ranges)):
+        spec = {
+            "kernel": kernel,
+            "conv_attrs": conv_attrs,
+            "group": group,
+            "bias": bias,
+            "batch_norm": batch_norm,
+            "activation": activation,
+            "out_per_branch": out_per_branch,
+        }
+        spec.update((overrides or [{}] * n)[i])
+        k = tuple(spec["kernel"])
+        attrs = spec["conv_attrs"]
+        if attrs is None:
+            attrs = {} if transpose else {"pads": [(d - 1) // 2 for d in k] * 2}
+        out_channels = spec["out_per_branch"]
+        if shared_weight and weight is None:
+            shape = (
+                (hi - lo, out_channels // spec["group"], *k)
+                if transpose
+                else (out_channels, (hi - lo) // spec["group"], *k)
+            )
+            weight = consts.random(shape, "w_shared", as_node=as_node)
+        value = b.conv(
+            part,
+            hi - lo,
+            out_channels,
+            k,
+            group=spec["group"],
+            bias=spec["bias"],
+            transpose=transpose,
+            weight=weight,
+            as_node=as_node,
+            consts=consts,
+            **attrs,
+        )
+        if spec["batch_norm"]:
+            value = b.batch_norm(value, out_channels, as_node=as_node, consts=consts)
+        if spec["activation"] is not None:
+            value = b.activation(value, spec["activation"], as_node=as_node, consts=consts)
+        outs.append(value)
+    order = list(concat_order) if concat_order is not None else list(range(n))
+    return b.op(
+        "Concat", [outs[i] for i in order], axis=concat_axis, name=b.fresh("concat"), out=output
+    )
+
+
+def any_tensor(name: str, rank: int = 4, dtype=TensorProto.FLOAT):
+    """A value_info of known rank and unknown dims (graph outputs whose shape is left open)."""
+    return helper.make_tensor_value_info(name, dtype, [None] * rank)
