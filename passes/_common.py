@@ -263,15 +263,18 @@ def remove_with_dead_producers(graph: ir.Graph, nodes: Iterable[ir.Node]) -> int
                     doomed.append(producer)
                     removed_ids.add(id(producer))
                     changed = True
+    # Initializers may live in an outer graph when the block sits in an If/Loop body.
     orphans = [
         value
         for node in doomed
         for value in node.inputs
-        if value is not None and value.is_initializer() and value.graph is graph
+        if value is not None and value.is_initializer() and value.graph is not None
     ]
     graph.remove(doomed, safe=True)
     for value in orphans:
-        if value.name in graph.initializers and not value.uses() and not value.is_graph_input() \
-                and not value.is_graph_output():  # fmt: skip
-            graph.initializers.pop(value.name)
+        owner = value.graph
+        if owner is None or owner.initializers.get(value.name) is not value:
+            continue
+        if not value.uses() and not value.is_graph_input() and not value.is_graph_output():
+            owner.initializers.pop(value.name)
     return len(doomed)

@@ -201,6 +201,13 @@ class FoldSplitConvConcat(ir.passes.InPlacePass):
         if weight.ndim < 3:
             raise Refusal(f"{node_label(conv)} has a weight of rank {weight.ndim}")
         attrs = conv_attrs(conv, weight.shape)
+        if batch_norm is not None:
+            if attr_int(batch_norm, "training_mode", 0) != 0:
+                raise Refusal(f"{node_label(batch_norm)} is in training mode")
+            if any(const_array(v) is None for v in batch_norm.inputs[1:5]):
+                raise Refusal(
+                    f"{node_label(batch_norm)}: BatchNormalization parameters are not constant"
+                )
         return _Branch(conv, batch_norm, activation, weight, bias, attrs)
 
     def _check_conv_attributes(self, branches: list[_Branch]) -> bool:
@@ -463,7 +470,7 @@ def _from_split(
     n = len(split.outputs)
     sizes = int_list(split, "split")
     if sizes is None and len(split.inputs) > 1 and split.inputs[1] is not None:
-        array = const_array(split.inputs[1])
+        array = facts.int_values(split.inputs[1])
         if array is None:
             raise Refusal(f"{node_label(split)}: split sizes are not constant")
         sizes = [int(v) for v in array.reshape(-1)]
@@ -504,6 +511,11 @@ def _from_slice(branch: _Branch, node: ir.Node, rank: int, facts: ShapeFacts) ->
         operands = [facts.int_values(v) if v is not None else None for v in node.inputs[1:5]]
         operands += [None] * (4 - len(operands))
         if operands[0] is None or operands[1] is None:
+            if facts.static_dim(node.inputs[0], 1) is None:
+                raise Refusal(
+                    f"channel dimension of '{node.inputs[0].name}' is symbolic; "
+                    "cannot prove the slice ranges"
+                )
             raise Refusal(f"{node_label(node)}: Slice bounds are not constant")
         starts = [int(v) for v in operands[0]]
         ends = [int(v) for v in operands[1]]
@@ -598,11 +610,7 @@ def _weights_with_batch_norm(branch: _Branch) -> tuple[np.ndarray, np.ndarray | 
     bn = branch.batch_norm
     if bn is None:
         return weight, bias
-    if attr_int(bn, "training_mode", 0) != 0:
-        raise Refusal(f"{node_label(bn)} is in training mode")
-    params = [const_array(v) for v in bn.inputs[1:5]]
-    if any(p is None for p in params):
-        raise Refusal(f"{node_label(bn)}: BatchNormalization parameters are not constant")
+    params = [const_array(v) for v in bn.inputs[1:5]]  # proven constant by _branch
     scale, offset, mean, var = (p.astype(np.float64) for p in params)
     factor = scale / np.sqrt(var + attr_float(bn, "epsilon", 1e-5))
     w64 = weight.astype(np.float64)

@@ -89,7 +89,11 @@ def split_conv_concat(
             wshape = (width, out_per_branch // branch_group, *kernel)
         else:
             wshape = (out_per_branch, width // branch_group, *kernel)
-        w = shared if (shared_weight and shared is not None) else r.standard_normal(wshape).astype(np.float32)
+        w = (
+            shared
+            if (shared_weight and shared is not None)
+            else r.standard_normal(wshape).astype(np.float32)
+        )
         shared = w
         inits.append(init(f"w{i}", w))
         conv_in = [parts[i], f"w{i}"]
@@ -97,7 +101,9 @@ def split_conv_concat(
             inits.append(init(f"b{i}", r.standard_normal(out_per_branch).astype(np.float32)))
             conv_in.append(f"b{i}")
         attrs = {"group": branch_group} if branch_group != 1 else {}
-        attrs.update(conv_attrs or {"pads": [1] * (2 * rank)} if not transpose else conv_attrs or {})
+        attrs.update(
+            conv_attrs or {"pads": [1] * (2 * rank)} if not transpose else conv_attrs or {}
+        )
         out = f"c{i}"
         nodes.append(helper.make_node(op, conv_in, [out], name=f"conv{i}", **attrs))
         if batch_norm:
@@ -117,7 +123,9 @@ def split_conv_concat(
         outs.append(out)
     nodes.append(helper.make_node("Concat", outs, ["Y"], axis=1, name="concat"))
     x = tensor_info("X", [batch, channels, *spatial])
-    y = helper.make_tensor_value_info("Y", TensorProto.FLOAT, [batch, None, *([None] * len(spatial))])
+    y = helper.make_tensor_value_info(
+        "Y", TensorProto.FLOAT, [batch, None, *([None] * len(spatial))]
+    )
     return make_model(nodes, [x], [y], inits, opset=opset)
 
 

@@ -24,7 +24,7 @@ from onnx import TensorProto, helper
 import gconv_compile
 from gconv_compile.model_io import save_model
 from passes import FoldSplitConvConcat
-from passes._common import Refusal, const_array
+from passes._common import const_array
 
 CONV_OPS = ("Conv", "ConvTranspose")
 
@@ -849,12 +849,6 @@ def test_block_inside_model_local_function(ort_equal):
     ort_equal(proto, result.model)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: remove_with_dead_producers only drops initializers of the graph being "
-    "rewritten, so branch weights taken from an outer scope stay behind, unused, in the "
-    "parent graph (the model keeps both the old and the folded weights)",
-)
 @pytest.mark.parametrize("container", ["if", "loop"])
 def test_outer_scope_weights_are_not_left_behind(container):
     b = GraphBuilder()
@@ -1071,12 +1065,28 @@ def _computed_bounds(kind: str) -> onnx.ModelProto:
         parts = [b.slice("X", 0, 4), b.op("Slice", ["X", start, b.int64([8]), b.int64([1])])]
         inputs = [tensor_info("X", ["N", 8, 7, 6]), tensor_info("K", [1], TensorProto.INT64)]
     else:
-        sizes = b.op("Concat", [b.int64([4]), b.int64([4])], axis=0)
+        zero_k = b.op("Mul", [b.op("ReduceMax", ["K"], keepdims=1), b.int64([0])])
+        sizes = b.op("Concat", [b.int64([4]), b.op("Add", [zero_k, b.int64([4])])], axis=0)
         parts = b.op("Split", ["X", sizes], outputs=2, axis=1)
-        inputs = [tensor_info("X", ["N", 8, 7, 6])]
+        inputs = [tensor_info("X", ["N", 8, 7, 6]), tensor_info("K", [1], TensorProto.INT64)]
     outs = [b.conv(p, 4, 4, (3, 3), pads=[1] * 4) for p in parts]
     b.op("Concat", outs, axis=1, out="Y")
     return b.model(inputs, [any_tensor("Y")])
+
+
+def test_split_sizes_folded_from_constant_arithmetic(ort_equal):
+    """Split sizes computed by a Concat of constants are proven statically and fold."""
+    b = GraphBuilder()
+    sizes = b.op("Concat", [b.int64([4]), b.int64([4])], axis=0)
+    parts = b.op("Split", ["X", sizes], outputs=2, axis=1)
+    outs = [b.conv(p, 4, 4, (3, 3), pads=[1] * 4) for p in parts]
+    b.op("Concat", outs, axis=1, out="Y")
+    proto = b.model([tensor_info("X", ["N", 8, 7, 6])], [any_tensor("Y")])
+    result, fold_pass = run_fold(proto)
+    assert result.modified is True and len(fold_pass.rewrites) == 1
+    assert fold_pass.rewrites[0].details["group"] == 2
+    assert [n.op_type for n in result.model.graph] == ["Conv"]
+    ort_equal(proto, result.model)
 
 
 def _clip_bound_input() -> onnx.ModelProto:
@@ -1113,7 +1123,7 @@ REFUSALS = [
     ),
     pytest.param(
         lambda: block_model(form="chunk", x_shape=SYMBOLIC_C),
-        "Slice bounds are not constant",
+        "channel dimension of 'X' is symbolic",
         {"shapes": SYMBOLIC_C_FEED},
         id="chunk-symbolic-channels",
     ),
@@ -1421,14 +1431,6 @@ def _batch_norm_param_input() -> onnx.ModelProto:
     return checked(proto)
 
 
-BUG_REFUSAL_ESCAPES = pytest.mark.xfail(
-    strict=True,
-    raises=Refusal,
-    reason="bug: _weights_with_batch_norm raises Refusal inside _rewrite, outside call()'s "
-    "try/except, so the pass crashes instead of recording a skip",
-)
-
-
 @pytest.mark.parametrize(
     ("build", "reason"),
     [
@@ -1436,13 +1438,11 @@ BUG_REFUSAL_ESCAPES = pytest.mark.xfail(
             _batch_norm_training_mode,
             "is in training mode",
             id="bn-training-mode",
-            marks=BUG_REFUSAL_ESCAPES,
         ),
         pytest.param(
             _batch_norm_param_input,
             "BatchNormalization parameters are not constant",
             id="bn-mean-is-graph-input",
-            marks=BUG_REFUSAL_ESCAPES,
         ),
     ],
 )
