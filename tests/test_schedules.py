@@ -298,3 +298,46 @@ def test_cuda_grouped_and_depthwise_use_shared_memory(dtype, monkeypatch):
         if form.startswith("cuda-"):
             assert "__shared__" in body, function
             assert "__syncthreads" in body, function
+
+
+# ------------------------------------------------------------------------------- tuning
+
+
+def test_apply_database_without_records_changes_nothing(tmp_path):
+    target = tvm.target.Target(tvm_schedules.host_target())
+    from tvm.relax.frontend.onnx import from_onnx
+
+    with target:
+        mod = tvm.transform.Sequential(tvm_schedules.legalize_and_fuse(target))(
+            from_onnx(conv_model(8, 8, (6, 6), group=2))
+        )
+    out, tuned = tvm_schedules.apply_database(mod, target, tmp_path / "empty")
+    assert tuned == 0 and out is mod
+
+
+@pytest.mark.slow
+def test_tune_then_reuse_records(tmp_path):
+    """Tune a tiny conv with 4 trials; a second tune of the same module measures nothing."""
+    from tvm.relax.frontend.onnx import from_onnx
+
+    target = tvm.target.Target(tvm_schedules.host_target())
+    model = conv_model(8, 8, (6, 6), group=2)
+    with target:
+        mod = tvm.transform.Sequential(tvm_schedules.legalize_and_fuse(target))(from_onnx(model))
+    calls = []
+    first = tvm_schedules.tune(
+        mod, target, trials=4, db_dir=tmp_path, progress=lambda *a: calls.append(a)
+    )
+    assert first.tuned and first.trials > 0 and calls and calls[-1][0] == calls[-1][1]
+    second = tvm_schedules.tune(mod, target, trials=4, db_dir=tmp_path)
+    assert second.tuned == [] and second.trials == 0 and second.reused == first.tasks
+    decisions: list = []
+    pipeline = tvm_schedules.relax_pipeline(target, db_dir=str(tmp_path), decisions=decisions)
+    from tvm import relax
+
+    vm = relax.VirtualMachine(
+        tvm.compile(from_onnx(model), target, relax_pipeline=pipeline), tvm.cpu()
+    )
+    assert any(d.schedule == "tuned" for d in decisions), [d.line() for d in decisions]
+    out, ref = run_both(model, random_feeds(model, seed=6), vm)
+    assert_close(out, ref, F32)

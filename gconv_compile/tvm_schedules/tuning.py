@@ -1,0 +1,199 @@
+"""MetaSchedule tuning of a legalised, fused Relax module, with progress and record reuse.
+
+``tune`` extracts one task per distinct PrimFunc, drops the tasks the database in ``db_dir``
+already has records for (so a second compile of the same model tunes nothing), and tunes the rest
+with ``max(trials, ...)`` measurements in all, calling ``progress(done, total, eta_s)`` after each
+batch. ``apply_database`` swaps the tuned PrimFuncs into a module; ``schedule_module`` then leaves
+them alone (they carry ``tirx.is_scheduled``).
+
+The cost model is XGBoost when ``xgboost`` is installed (``pip install gconv-compile[tune]``) and
+MetaSchedule's random model otherwise (it still measures every candidate, it only picks them less
+well).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import tvm
+from tvm.target import Target
+
+logger = logging.getLogger(__name__)
+
+Progress = Callable[[int, int, "float | None"], None]
+
+_DB_FILES = ("database_workload.json", "database_tuning_record.json")
+
+
+@dataclass
+class TuneSummary:
+    """What ``tune`` did."""
+
+    tasks: list[str] = field(default_factory=list)  # every task of the module
+    reused: list[str] = field(default_factory=list)  # tasks with records already in db_dir
+    tuned: list[str] = field(default_factory=list)  # tasks tuned now
+    trials: int = 0  # measurements made now
+    seconds: float = 0.0
+    cost_model: str = ""
+
+    def line(self) -> str:
+        return (
+            f"tuning: {len(self.tasks)} task(s), {len(self.reused)} from the database, "
+            f"{len(self.tuned)} tuned with {self.trials} trial(s) in {self.seconds:.0f} s"
+        )
+
+
+def _cost_model() -> str:
+    try:
+        import xgboost  # noqa: F401
+
+        return "xgb"
+    except ImportError:
+        return "random"
+
+
+def _database(db_dir: str | os.PathLike):
+    from tvm.s_tir import meta_schedule as ms
+
+    Path(db_dir).mkdir(parents=True, exist_ok=True)
+    return ms.database.JSONDatabase(work_dir=str(db_dir), module_equality="structural")
+
+
+def _has_records(database, mod: tvm.IRModule) -> bool:
+    """Tuned before: the database has measurements of ``mod`` (even failed ones, so a task whose
+    every candidate failed is not tuned again on each compile)."""
+    if not database.has_workload(mod):
+        return False
+    workload = database.commit_workload(mod)
+    if database.get_top_k(workload, 1):
+        return True
+    return any(rec.workload.same_as(workload) for rec in database.get_all_tuning_records())
+
+
+def tune(
+    mod: tvm.IRModule,
+    target: Target | dict | str,
+    *,
+    trials: int,
+    db_dir: str | os.PathLike,
+    progress: Progress | None = None,
+    max_trials_per_task: int | None = None,
+    build_timeout_s: float = 300.0,
+    run_timeout_s: float = 60.0,
+) -> TuneSummary:
+    """Tune the PrimFuncs of a legalised, fused module that ``db_dir`` has no records for.
+
+    Args:
+        mod: The module after ``legalize_and_fuse`` (the same module the build schedules).
+        target: The target to tune for (an llvm target on a CPU machine; a CUDA tag target such
+            as ``nvidia/nvidia-h100`` where a GPU is present).
+        trials: Measurements in all (MetaSchedule's ``max_trials_global``).
+        db_dir: Database directory; created if missing, records appended.
+        progress: Called as ``progress(done, total, eta_seconds_or_None)``.
+        max_trials_per_task: Cap per task; default spreads ``trials`` evenly over the tasks.
+        build_timeout_s: Per-candidate build limit (MetaSchedule's default 30 s is too short on
+            a loaded 2-core machine).
+        run_timeout_s: Per-candidate run limit.
+    """
+    from tvm.ir.utils import derived_object
+    from tvm.s_tir import meta_schedule as ms
+    from tvm.s_tir.meta_schedule.measure_callback import PyMeasureCallback
+
+    target = Target(target) if not isinstance(target, Target) else target
+    summary = TuneSummary(cost_model=_cost_model())
+    started = time.perf_counter()
+    database = _database(db_dir)
+    extracted = ms.relax_integration.extract_tasks(mod, target)
+    todo = []
+    for task in extracted:
+        summary.tasks.append(task.task_name)
+        if _has_records(database, task.dispatched[0]):
+            summary.reused.append(task.task_name)
+        else:
+            todo.append(task)
+    if not todo or trials <= 0:
+        if progress:
+            progress(0, 0, 0.0)
+        summary.seconds = time.perf_counter() - started
+        logger.info("%s", summary.line())
+        return summary
+    per_task = max_trials_per_task or max(1, math.ceil(trials / len(todo)))
+    total = min(trials, per_task * len(todo))
+    contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
+        todo, work_dir=str(db_dir), num_threads="physical"
+    )
+    measured = {"n": 0}
+    tune_started = time.perf_counter()
+
+    @derived_object
+    class _Progress(PyMeasureCallback):
+        def apply(
+            self, task_scheduler, task_id, measure_candidates, builder_results, runner_results
+        ):
+            measured["n"] += len(runner_results)
+            done = min(measured["n"], total)
+            elapsed = time.perf_counter() - tune_started
+            eta = elapsed / done * (total - done) if done else None
+            if progress:
+                progress(done, total, eta)
+
+    callbacks = [*ms.MeasureCallback.create("default"), _Progress()]
+    # MetaSchedule's 30 s build timeout fails every candidate on a busy small machine.
+    workers = max(1, (os.cpu_count() or 1) // 2)
+    builder = ms.builder.LocalBuilder(max_workers=workers, timeout_sec=build_timeout_s)
+    runner = ms.runner.LocalRunner(timeout_sec=run_timeout_s)
+    ms.tune.tune_tasks(
+        tasks=contexts,
+        task_weights=weights,
+        work_dir=str(db_dir),
+        max_trials_global=total,
+        max_trials_per_task=per_task,
+        num_trials_per_iter=max(4, min(64, per_task)),
+        database=database,
+        cost_model=summary.cost_model,
+        measure_callbacks=callbacks,
+        builder=builder,
+        runner=runner,
+    )
+    if progress and measured["n"] < total:
+        progress(total, total, 0.0)  # MetaSchedule stops early when a space is exhausted
+    summary.tuned = [t.task_name for t in todo]
+    summary.trials = measured["n"]
+    summary.seconds = time.perf_counter() - started
+    logger.info("%s", summary.line())
+    return summary
+
+
+def apply_database(
+    mod: tvm.IRModule, target: Target | dict | str, db_dir: str | os.PathLike
+) -> tuple[tvm.IRModule, int]:
+    """Swap in the best tuned schedule of every PrimFunc ``db_dir`` has records for.
+
+    Returns:
+        The module and how many PrimFuncs came from the database (0 if ``db_dir`` has no records).
+    """
+    from tvm import relax, tirx
+
+    if not all((Path(db_dir) / name).is_file() for name in _DB_FILES):
+        return mod, 0
+
+    def scheduled(m: tvm.IRModule) -> int:
+        return sum(
+            1
+            for _, f in m.functions_items()
+            if isinstance(f, tirx.PrimFunc)
+            and f.attrs is not None
+            and f.attrs.get("tirx.is_scheduled", False)
+        )
+
+    target = Target(target) if not isinstance(target, Target) else target
+    before = scheduled(mod)
+    with target:
+        mod = relax.transform.MetaScheduleApplyDatabase(str(db_dir))(mod)
+    return mod, scheduled(mod) - before
