@@ -3,40 +3,46 @@
 Integration contract for ``gconv_compile/compile.py``
 =====================================================
 
-Call order for one Relax module ``mod`` and one ``tvm.target.Target`` ``target``::
+The whole Relax pipeline in one call (replaces ``relax_pipeline="default"``)::
 
     from gconv_compile import tvm_schedules
 
-    with target:
-        mod = tvm.transform.Sequential(
-            relax.pipeline.library_dispatch_passes(target)
-            + [relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(),
-               relax.transform.FoldConstant(), relax.transform.FuseOps(),
-               relax.transform.FuseTIR()]
-        )(mod)                                                # 1. legalised and fused
-        if tune_trials:                                       # 2. optional tuning
-            tvm_schedules.tune(mod, target, trials=tune_trials, db_dir=tune_db, progress=cb)
-        if tune_db:                                           # 3. tuned records, if any
-            mod, tuned = tvm_schedules.apply_database(mod, target, tune_db)
-        mod, decisions = tvm_schedules.schedule_module(mod, target)   # 4. our schedules
-        mod = <dlight defaults for cuda only: dl.ApplyDefaultSchedule(Matmul, GEMV, Reduction,
-               GeneralReduction, Fallback)>(mod)              # 5. skips functions we scheduled
-        mod = tvm.transform.Sequential(relax.pipeline.dataflow_lower_passes(target)
-                                       + relax.pipeline.finalize_passes(target))(mod)
-    ex = tvm.compile(mod, target=target)   # relax_pipeline=None / the module is already lowered
+    decisions = []                                  # one Decision per PrimFunc, for the report
+    if tune_trials:                                 # optional, before the build
+        with target:
+            fused = tvm.transform.Sequential(tvm_schedules.legalize_and_fuse(target))(mod)
+        summary = tvm_schedules.tune(fused, target, trials=tune_trials, db_dir=tune_db,
+                                     progress=on_progress)   # on_progress(done, total, eta_s)
+    pipeline = tvm_schedules.relax_pipeline(target, db_dir=tune_db, decisions=decisions)
+    executable = tvm.compile(mod, target, relax_pipeline=pipeline)
 
-- ``schedule_module`` returns a new module and one ``Decision`` per PrimFunc (``.to_dict()`` for
-  the JSON report, ``.line()`` for the console): which schedule form each conv got and why.
-  Functions already carrying ``tirx.is_scheduled`` (from the tuning database) are left alone.
-- For llvm it schedules every conv2d (dense, grouped, depthwise, with any fused elementwise
-  epilogue) and parallelises the other functions. For cuda it schedules grouped and depthwise
-  convs (implicit GEMM with the group as batch axis, through shared memory) and leaves dense
-  convs and everything else to dlight (Matmul rule, tensor cores in float16).
-- ``host_target()`` gives an llvm target dict for this machine (``mcpu`` from LLVM's host
-  detection, ``num-cores``); the vector width of the schedules follows the target's ``mcpu``.
-- ``tune`` runs MetaSchedule on the same legalised, fused module (records go to
-  ``db_dir/database_workload.json`` and ``database_tuning_record.json``); it skips tasks already
-  in the database, so a second compile with the same ``db_dir`` tunes nothing.
+``relax_pipeline`` runs, in this order, under ``with target``:
+
+1. ``legalize_and_fuse``: library dispatch, LegalizeOps, AnnotateTIROpPattern, FoldConstant,
+   FuseOps, FuseTIR (fusion is what puts bias / BN / activation / residual add into the conv);
+2. ``apply_database(mod, target, db_dir)`` when ``db_dir`` is given (no-op without records);
+3. ``schedule_module(mod, target)``: our schedules, before any dlight rule;
+4. for GPU targets, dlight's defaults (Matmul, GEMV, Reduction, GeneralReduction, Fallback);
+   they skip the functions steps 2-3 marked ``tirx.is_scheduled``;
+5. TVM's dataflow lowering and finalisation passes.
+
+- ``Decision`` has ``.function``, ``.schedule`` (``cpu-{dense,grouped,depthwise}-conv``,
+  ``llvm-fallback``, ``cuda-grouped-igemm``, ``cuda-depthwise-spatial``, ``dlight``, ``tuned``,
+  ``none``) and ``.detail`` (the conv, the form and tile chosen, or why it was left alone);
+  ``.line()`` for the console, ``.to_dict()`` for ``--report``.
+- On llvm every conv2d (dense, grouped, depthwise; any fused elementwise epilogue) is
+  scheduled; the other functions get their outer loops parallelised. A conv whose weights are
+  constants may get them repacked (output-channel vectors): the constants in the Relax main
+  function are replaced by packed copies, so the compiled library's interface does not change.
+  Weights bound as parameters (``keep_params_in_input``) are never repacked.
+- On cuda grouped and depthwise convs get shared-memory schedules; dense convs and the rest
+  are left to dlight (Matmul rule; tensor cores in float16).
+- The vector width follows the target's ``mcpu`` (LLVM's CPU tables); any llvm target works,
+  ``host_target()`` names this machine's CPU.
+- ``tune`` writes ``db_dir/database_{workload,tuning_record}.json`` and skips tasks already
+  measured there, so a second compile with the same ``db_dir`` tunes nothing and reuses the
+  records. It returns a ``TuneSummary`` (``.line()``). Use a CUDA tag target
+  (``nvidia/nvidia-h100``) to tune CUDA, on a machine with that GPU.
 """
 
 from __future__ import annotations
