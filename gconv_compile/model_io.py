@@ -14,6 +14,7 @@ import logging
 import os
 import shutil
 import tempfile
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -287,6 +288,8 @@ def save_model(
                 staged_model,
                 external_data=data_name,
                 size_threshold_bytes=EXTERNAL_DATA_THRESHOLD,
+                # 64 KiB offsets let onnxruntime map large tensors instead of copying them.
+                alignment=65536,
             )
             # Data first, model last: a model file never points at data that is not there yet.
             if (staging / data_name).exists():
@@ -326,8 +329,18 @@ def to_ort_source(model: ir.Model, workdir: str | os.PathLike) -> str | bytes:
     """Serialise ``model`` into something ``onnxruntime.InferenceSession`` accepts.
 
     Small in-memory models become bytes. Models with external tensors (or too large for one
-    protobuf) are saved into ``workdir`` with their data and passed by path. The IR version is
-    lowered to what onnxruntime reads when needed; the model itself is not changed.
+    protobuf) are written, with their data, to a spill folder and passed by path; the IR version
+    is lowered to what onnxruntime reads when needed. What the model computes is not changed,
+    but where its large tensors live is: they are moved to the spill file and memory-mapped
+    from there, so that the model and onnxruntime do not each hold a copy of the weights (a
+    rewritten weight would otherwise stay in memory while onnxruntime maps the same bytes from
+    the file). The spill folder is removed when the model is garbage-collected or the process
+    exits.
+
+    Args:
+        model: The model; its large initializers become memory-mapped external tensors.
+        workdir: Unused for large models (the spill must outlive the caller's folder, since the
+            model now reads from it); kept for callers that pass one.
     """
     needs_file = has_external_tensors(model) or _needs_external_data(model)
     original_ir = model.ir_version
@@ -335,12 +348,44 @@ def to_ort_source(model: ir.Model, workdir: str | os.PathLike) -> str | bytes:
         model.ir_version = ORT_MAX_IR_VERSION
     try:
         if needs_file:
-            path = Path(workdir) / "model.onnx"
-            ir.save(model, path, external_data="model.onnx.data", size_threshold_bytes=1024)
-            return str(path)
+            return str(_spill(model))
         return ir.serde.serialize_model(model).SerializeToString()
     finally:
         model.ir_version = original_ir
+
+
+# id(model) -> finalizer that removes the model's current spill folder.
+_SPILLS: dict[int, weakref.finalize] = {}
+
+
+def _spill(model: ir.Model) -> Path:
+    """Move the model's large initializers to a fresh spill folder; return its model file."""
+    folder = Path(tempfile.mkdtemp(prefix="gconv-spill-"))
+    path = folder / "model.onnx"
+    data_name = "model.onnx.data"
+    try:
+        # Offsets aligned to 64 KiB let onnxruntime map the tensors instead of copying them.
+        ir_external_data.unload_from_model(
+            model, folder, data_name, size_threshold_bytes=EXTERNAL_DATA_THRESHOLD,
+            alignment=65536,
+        )  # fmt: skip
+        onnx.save(ir.serde.serialize_model(model), path)
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    # The model now reads from this folder only: the previous spill (if any) can go.
+    previous = _SPILLS.pop(id(model), None)
+    if previous is not None:
+        previous()
+    _SPILLS[id(model)] = weakref.finalize(model, _remove_spill, id(model), str(folder))
+    return path
+
+
+def _remove_spill(model_id: int, folder: str) -> None:
+    shutil.rmtree(folder, ignore_errors=True)
+    finalizer = _SPILLS.get(model_id)
+    if finalizer is not None and not finalizer.alive:
+        _SPILLS.pop(model_id, None)
 
 
 def count_nodes(model: ir.Model) -> int:
