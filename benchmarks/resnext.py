@@ -11,8 +11,11 @@ Rows (batch 1, 224x224, float32, BN folded, seeded random weights):
 
 Each TVM row also checks the output against onnxruntime (max |diff| / max |ref|). Timings are the
 median of ``--repeat`` runs after warm-up, in milliseconds, with ``--threads`` threads for both
-runtimes (TVM_NUM_THREADS is set before TVM starts its pool). The machine load (``os.getloadavg``)
-is printed with the table: other processes on a shared machine inflate every number.
+runtimes (TVM_NUM_THREADS is set before TVM starts its pool). The two runtimes are timed
+alternately, run by run, so both see the same machine load; the load average
+(``os.getloadavg``) is printed with the table, since other processes on a shared machine inflate
+every number. A last row compares TVM on the folded branchy model with TVM on the native model
+(target: at most 1.02x).
 """
 
 from __future__ import annotations
@@ -43,6 +46,22 @@ def median_ms(fn, repeat: int, warmup: int = 3) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return statistics.median(times) * 1e3
+
+
+def paired_ms(first, second, repeat: int, warmup: int = 3) -> tuple[float, float]:
+    """Median ms of two functions timed alternately, so both see the same machine load."""
+    for _ in range(warmup):
+        first()
+        second()
+    a, b = [], []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        first()
+        a.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        second()
+        b.append(time.perf_counter() - start)
+    return statistics.median(a) * 1e3, statistics.median(b) * 1e3
 
 
 def ort_runner(model, threads: int):
@@ -141,27 +160,34 @@ def main(argv: list[str] | None = None) -> int:
         grouped = build_resnext50("grouped")
         ort_run = ort_runner(grouped, args.threads)
         ref = ort_run(x)
-        ort_ms = median_ms(lambda: ort_run(x), args.repeat)
         run, decisions = tvm_runner(grouped, target)
         convs = sum(
             d.schedule.startswith("cpu-") and d.schedule.endswith("-conv") for d in decisions
         )
-        add("ResNeXt-50 grouped, default", ort_ms, median_ms(lambda: run(x), args.repeat), rel_err(run(x), ref),
+        ort_ms, tvm_ms = paired_ms(lambda: ort_run(x), lambda: run(x), args.repeat)
+        add("ResNeXt-50 grouped, default", ort_ms, tvm_ms, rel_err(run(x), ref),
             f"{convs} conv functions scheduled")  # fmt: skip
         if args.tune_trials or args.tune_db:
             db = args.tune_db or "tune_db"
             if args.tune_trials:
                 _tune(grouped, target, args.tune_trials, db)
             run_t, _ = tvm_runner(grouped, target, db_dir=db)
-            add("ResNeXt-50 grouped, tuned", ort_ms, median_ms(lambda: run_t(x), args.repeat), rel_err(run_t(x), ref),
+            ort_ms, tuned_ms = paired_ms(lambda: ort_run(x), lambda: run_t(x), args.repeat)
+            add("ResNeXt-50 grouped, tuned", ort_ms, tuned_ms, rel_err(run_t(x), ref),
                 f"{args.tune_trials} trials, db {db}")  # fmt: skip
         branchy = build_resnext50("branchy")
         ort_b = ort_runner(branchy, args.threads)
-        ort_b_ms = median_ms(lambda: ort_b(x), args.repeat)
         folded, n_folds = fold(branchy)
         run_f, _ = tvm_runner(folded, target)
-        add("ResNeXt-50 branchy, folded", ort_b_ms, median_ms(lambda: run_f(x), args.repeat), rel_err(run_f(x), ref),
+        ort_b_ms, folded_ms = paired_ms(lambda: ort_b(x), lambda: run_f(x), args.repeat)
+        add("ResNeXt-50 branchy, folded", ort_b_ms, folded_ms, rel_err(run_f(x), ref),
             f"ort runs the branchy model; TVM the folded one ({n_folds} folds)")  # fmt: skip
+        native_ms, folded_ms = paired_ms(lambda: run(x), lambda: run_f(x), args.repeat)
+        rows.append(("TVM folded branchy vs TVM native", f"{native_ms:.2f}", f"{folded_ms:.2f}",
+                     f"{folded_ms / native_ms:.2f}x", "-", "first column: TVM on the native model"))  # fmt: skip
+        print(
+            f"TVM folded / native: {folded_ms:.2f} / {native_ms:.2f} ms = {folded_ms / native_ms:.2f}x"
+        )
     if not args.skip_convs:
         for shape in stage_convs():
             model = single_conv_model(shape)
@@ -171,9 +197,8 @@ def main(argv: list[str] | None = None) -> int:
             xc = xc.astype(np.float32)
             ort_c = ort_runner(model, args.threads)
             ref_c = ort_c(xc)
-            ort_ms = median_ms(lambda: ort_c(xc), args.repeat * 5)  # noqa: B023
             run_c, decisions = tvm_runner(model, target)
-            tvm_ms = median_ms(lambda: run_c(xc), args.repeat * 5)  # noqa: B023
+            ort_ms, tvm_ms = paired_ms(lambda: ort_c(xc), lambda: run_c(xc), args.repeat * 5)  # noqa: B023
             note = (
                 f"{shape.macs / 1e6:.1f} MMAC; {decisions[0].detail.split(': ', 1)[-1]}"
                 if decisions

@@ -274,9 +274,24 @@ def _apply(sch: s_tir.Schedule, conv: ConvInfo, tile: CpuTile) -> Packing | None
     else:
         epilogue = sch.cache_write(block, 0, "local")
     packing = None
-    if tile.form == "channel":
+    width = conv.out_w
+    if conv.is_pointwise:
+        # A 1x1 tile is a run of flattened pixels that may start mid-row: index the accumulator
+        # and the epilogue by the flattened pixel so the tile's offsets are constants (else the
+        # accumulators cannot live in registers).
+        if tile.form == "channel":
+            v = tile.vector
+            sch.transform_layout(
+                block, ("write", 0), lambda n, f, y, x: (n, f // v, y * width + x, f % v)
+            )
+        else:
+            sch.transform_layout(block, ("write", 0), lambda n, f, y, x: (n, f, y * width + x))
+        sch.transform_block_layout(epilogue, lambda n, f, y, x: (n, f, y * width + x))
+    elif tile.form == "channel":
         v = tile.vector
         sch.transform_layout(block, ("write", 0), lambda n, f, y, x: (n, f // v, y, x, f % v))
+    if tile.form == "channel":
+        v = tile.vector
         w_index = [
             i for i, r in enumerate(sch.get(block).reads) if str(r.source.name) == conv.weight_param
         ]
@@ -326,9 +341,13 @@ def _apply(sch: s_tir.Schedule, conv: ConvInfo, tile: CpuTile) -> Packing | None
     sch.reverse_compute_at(epilogue, anchor, preserve_unit_loops=True)
     e_all = sch.get_loops(epilogue)
     at = next(i for i, lp in enumerate(e_all) if sch.get(lp).same_as(sch.get(anchor)))
-    _, e_f, e_y, e_x = e_all[at + 1 :]
+    e_loops = e_all[at + 1 :]
+    if conv.is_pointwise:
+        _, e_f, e_px = e_loops
+    else:
+        _, e_f, e_y, e_x = e_loops
+        e_px = sch.fuse(e_y, e_x) if tile.form == "pixel" else None
     if tile.form == "pixel":
-        e_px = sch.fuse(e_y, e_x)
         e_r, e_v = sch.split(e_px, [None, tile.vector])
         sch.unroll(e_f)
         sch.unroll(e_r)
@@ -336,9 +355,8 @@ def _apply(sch: s_tir.Schedule, conv: ConvInfo, tile: CpuTile) -> Packing | None
     else:
         # channel vectors in registers, NCHW output: scalar stores, fully unrolled so the
         # accumulators stay in registers
-        sch.unroll(e_f)
-        sch.unroll(e_y)
-        sch.unroll(e_x)
+        for loop in [e_f, e_px] if conv.is_pointwise else [e_f, e_y, e_x]:
+            sch.unroll(loop)
     if conv.pad_block is not None and not conv.pad_is_identity:
         p_loops = sch.get_loops(conv.pad_block)
         sch.parallel(sch.fuse(*p_loops[:2]))
