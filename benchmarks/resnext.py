@@ -48,19 +48,23 @@ def median_ms(fn, repeat: int, warmup: int = 3) -> float:
     return statistics.median(times) * 1e3
 
 
-def paired_ms(first, second, repeat: int, warmup: int = 3) -> tuple[float, float]:
-    """Median ms of two functions timed alternately, so both see the same machine load."""
-    for _ in range(warmup):
-        first()
-        second()
-    a, b = [], []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        first()
-        a.append(time.perf_counter() - start)
-        start = time.perf_counter()
-        second()
-        b.append(time.perf_counter() - start)
+def paired_ms(first, second, repeat: int, rounds: int = 5) -> tuple[float, float]:
+    """Median ms of two functions timed in alternating blocks, so both see the same load.
+
+    Blocks (not single runs) because each runtime's thread pool spins for a while after a run
+    and would steal the cores from the other one.
+    """
+    a: list[float] = []
+    b: list[float] = []
+    per_round = max(1, repeat // rounds)
+    for _ in range(rounds):
+        for fn, out in ((first, a), (second, b)):
+            for _ in range(2):  # warm-up, and let the other pool go idle
+                fn()
+            for _ in range(per_round):
+                start = time.perf_counter()
+                fn()
+                out.append(time.perf_counter() - start)
     return statistics.median(a) * 1e3, statistics.median(b) * 1e3
 
 

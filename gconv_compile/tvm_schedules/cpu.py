@@ -332,7 +332,8 @@ def _apply(sch: s_tir.Schedule, conv: ConvInfo, tile: CpuTile) -> Packing | None
         inner = spatial_inner + f_inner
     sch.reorder(n, blk, f_o, *spatial_outer, rc, ry, rx, *inner)
     anchor = spatial_outer[-1]
-    sch.parallel(sch.fuse(n, blk, f_o))
+    task = sch.fuse(n, blk, f_o)
+    sch.parallel(task)
     for lp in inner[:-1]:
         sch.unroll(lp)
     sch.vectorize(inner[-1])
@@ -358,9 +359,23 @@ def _apply(sch: s_tir.Schedule, conv: ConvInfo, tile: CpuTile) -> Packing | None
         for loop in [e_f, e_px] if conv.is_pointwise else [e_f, e_y, e_x]:
             sch.unroll(loop)
     if conv.pad_block is not None and not conv.pad_is_identity:
-        p_loops = sch.get_loops(conv.pad_block)
-        sch.parallel(sch.fuse(*p_loops[:2]))
+        _schedule_pad(sch, conv.pad_block, task)
     return packing
+
+
+def _schedule_pad(sch: s_tir.Schedule, pad: s_tir.schedule.SBlockRV, task) -> None:
+    """Pad inside each parallel task (only the channels and rows it reads, hot in cache), as a
+    zero fill plus a condition-free copy that LLVM vectorises."""
+    try:
+        sch.compute_at(pad, task, preserve_unit_loops=True)
+        loops = sch.get_loops(pad)
+        at = next(i for i, lp in enumerate(loops) if sch.get(lp).same_as(sch.get(task)))
+        sch.decompose_padding(pad, loops[at + 1])
+    except Exception:  # noqa: BLE001 - keep the plain pad at the root: slower, still correct
+        logger.debug("pad not moved into the conv tasks", exc_info=True)
+        loops = sch.get_loops(pad)
+        if not any(sch.get(lp).same_as(sch.get(task)) for lp in loops):
+            sch.parallel(sch.fuse(*loops[:2]))
 
 
 def schedule_fallback(func: tirx.PrimFunc, target: Target) -> tuple[tirx.PrimFunc | None, str]:
