@@ -236,8 +236,27 @@ def main(argv: list[str] | None = None) -> int:
     print(header)
     print("\n".join(table))
     if args.markdown:
-        args.markdown.write_text(header.replace("\n", "  \n") + "\n\n" + "\n".join(table) + "\n")
+        _write_markdown(
+            args.markdown, header.replace("\n", "  \n") + "\n\n" + "\n".join(table) + "\n"
+        )
     return 0
+
+
+START, END = "<!-- resnext-table:start -->", "<!-- resnext-table:end -->"
+
+
+def _write_markdown(path: Path, block: str) -> None:
+    """Replace the text between the table markers of ``path`` (or write the block alone)."""
+    text = path.read_text() if path.exists() else ""
+    if START in text and END in text:
+        head, rest = text.split(START, 1)
+        _, tail = rest.split(END, 1)
+        text = f"{head}{START}\n{block}{END}{tail}"
+    else:
+        text = f"{START}\n{block}{END}\n"
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def _tune(model, target, trials: int, db: str) -> None:
