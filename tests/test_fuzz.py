@@ -101,6 +101,9 @@ class BlockPlan:
     extra_consumer: tuple[int, str] | None = None  # (branch, "conv"/"bn"/"act", how)
     weight_as_input: int | None = None
     constant_nodes: bool = False  # constants as Constant nodes (exporters do) or initializers
+    shared_weight: bool = False  # every branch reads the same weight tensor
+    chained: bool = False  # a second block (1x1 Convs) folds the first block's output
+    concat_extra: str | None = None  # near misses: "foreign" or "duplicate" Concat input
     seed: int = 0
 
     @property
@@ -173,7 +176,10 @@ def build(plan: BlockPlan) -> onnx.ModelProto:
     ends = []
     for i, b in enumerate(plan.branches):
         weight = r.standard_normal(_weight_shape(plan.op, b)).astype(np.float32)
-        conv_in = [parts[i], const(f"w{i}", weight)]
+        if plan.shared_weight and i > 0:
+            conv_in = [parts[i], "w0"]
+        else:
+            conv_in = [parts[i], const(f"w{i}", weight)]
         if plan.weight_as_input == i:
             extra_inputs.append(
                 helper.make_tensor_value_info(f"w{i}", TensorProto.FLOAT, weight.shape)
@@ -226,16 +232,41 @@ def build(plan: BlockPlan) -> onnx.ModelProto:
                 outputs.append(value)
 
     order = plan.concat_order or list(range(n))
+    concat_inputs = [ends[k] for k in order]
+    if plan.concat_extra == "foreign":  # same shape as a branch output, but not a Conv branch
+        nodes.append(helper.make_node("Mul", [ends[0], ends[0]], ["squared"], name="squared"))
+        concat_inputs.append("squared")
+    elif plan.concat_extra == "duplicate":
+        concat_inputs.append(ends[0])
     nodes.append(
-        helper.make_node(
-            "Concat", [ends[k] for k in order], ["Y"], axis=plan.concat_axis, name="concat"
-        )
+        helper.make_node("Concat", concat_inputs, ["Y"], axis=plan.concat_axis, name="concat")
     )
+    y = "Y"
+    if plan.chained:  # Y split back into the branches' widths, a 1x1 Conv each, Concat
+        width = plan.branches[0].out
+        parts2 = [f"y{i}" for i in range(n)]
+        if plan.opset < 13:  # Split took its sizes as an attribute before opset 13
+            split2 = helper.make_node("Split", ["Y"], parts2, axis=1, split=[width] * n)
+        else:
+            split2 = helper.make_node("Split", ["Y", i64("y_sizes", [width] * n)], parts2, axis=1)
+        split2.name = "split2"
+        nodes.append(split2)
+        for i in range(n):
+            w2 = r.standard_normal((width, width, *([1] * rank))).astype(np.float32)
+            nodes.append(
+                helper.make_node(
+                    "Conv", [parts2[i], const(f"v{i}", w2)], [f"d{i}"], name=f"conv2_{i}"
+                )
+            )
+        nodes.append(
+            helper.make_node("Concat", [f"d{i}" for i in range(n)], ["Y2"], axis=1, name="concat2")
+        )
+        y = "Y2"
     if plan.suffix:
-        nodes.append(helper.make_node("Tanh", ["Y"], ["Z"], name="suffix"))
+        nodes.append(helper.make_node("Tanh", [y], ["Z"], name="suffix"))
         outputs.insert(0, "Z")
     else:
-        outputs.insert(0, "Y")
+        outputs.insert(0, y)
     graph = helper.make_graph(
         nodes,
         "fuzz",
@@ -492,7 +523,9 @@ def foldable_plans(draw, mixconv_ok: bool = True) -> BlockPlan:
             else ["plain", "negative", "clamped"])),  # fmt: skip
         symbolic_spatial=draw(st.integers(0, 3)) == 0, prefix=draw(st.booleans()),
         suffix=draw(st.booleans()), side_use=draw(st.sampled_from([None, None, "x", "part"])),
-        constant_nodes=draw(st.integers(0, 3)) == 0, seed=draw(st.integers(0, 2**16)),
+        constant_nodes=draw(st.integers(0, 3)) == 0,
+        shared_weight=not mixconv and draw(st.integers(0, 5)) == 0,
+        chained=draw(st.integers(0, 4)) == 0, seed=draw(st.integers(0, 2**16)),
     )  # fmt: skip
     plan.layout()
     return plan
@@ -536,12 +569,17 @@ NEAR_MISS_REASONS = {
     "drift-activation": r"different activations",
     "symbolic-channels": r"symbolic|not constant",
     "weight-fed-at-run-time": r"weight of conv\d is not a constant",
+    "foreign-concat-input": r"Concat input \d+ is not produced by a Conv branch",
+    "duplicate-concat-input": r"used more than once by the Concat",
 }
 
 
 @st.composite
 def near_miss_plans(draw, mutation: str) -> BlockPlan:
     plan = draw(foldable_plans(mixconv_ok=False))
+    plan.chained = False  # a second, foldable block would fold
+    if mutation not in ("permuted-concat", "extra-consumer", "wrong-axis-concat"):
+        plan.shared_weight = False  # the mutation may change one branch's weight shape
     _mutate(draw, plan, mutation)
     return plan
 
@@ -698,6 +736,13 @@ def _mutate(draw, plan: BlockPlan, mutation: str) -> None:
         plan.layout()
     elif mutation == "weight-fed-at-run-time":
         plan.weight_as_input = k
+        plan.shared_weight = False
+    elif mutation == "foreign-concat-input":
+        plan.concat_extra = "foreign"
+        plan.concat_axis = 1
+    elif mutation == "duplicate-concat-input":
+        plan.concat_extra = "duplicate"
+        plan.concat_axis = 1
     else:
         raise AssertionError(mutation)
     if mutation != "wrong-axis-concat":
@@ -799,13 +844,18 @@ def test_foldable_blocks_fold_and_compute_the_same(plan: BlockPlan) -> None:
     event(f"op={plan.op} rank={plan.rank}")
     after, fold_pass = _fold(model)
 
+    n = len(plan.branches)
     assert fold_pass.skips == [], fold_pass.skips
-    assert [r.anchor for r in fold_pass.rewrites] == ["concat"]
-    convs = [n for n in after.graph.node if n.op_type == plan.op]
-    assert len(convs) == 1
-    group = helper.get_attribute_value(next(a for a in convs[0].attribute if a.name == "group"))
-    assert group == len(plan.branches) * plan.branches[0].group
-    assert not [n for n in after.graph.node if n.op_type == "Concat"]
+    assert [r.anchor for r in fold_pass.rewrites] == ["concat"] + ["concat2"] * plan.chained
+    by_name = {node.name: node for node in after.graph.node}
+    groups = [n * plan.branches[0].group] + [n] * plan.chained
+    for rewrite, group in zip(fold_pass.rewrites, groups):
+        node = by_name[rewrite.details["new_node"]]
+        assert _attrs(node)["group"] == group
+    ops = Counter(node.op_type for node in after.graph.node)
+    assert ops[plan.op] == 1 + (plan.chained and plan.op == "Conv")
+    assert ops["Conv"] + ops["ConvTranspose"] == 1 + plan.chained
+    assert ops["Concat"] == 0
     windowed = plan.lead or plan.tail
     assert [n.op_type for n in after.graph.node].count("BatchNormalization") == 0
     if windowed:

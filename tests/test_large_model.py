@@ -18,9 +18,11 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -260,10 +262,14 @@ def test_external_data_beside_out_when_out_is_elsewhere(tmp_path: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def big_runs(tmp_path_factory) -> dict[str, CliRun]:
+def big_runs(tmp_path_factory) -> Iterator[dict[str, CliRun]]:
     """optimize then expand a 2.25 GB model once; the functional checks run inside."""
     assert LARGE.weight_bytes > 2**31
-    measured = _fold_then_expand(tmp_path_factory.mktemp("big"), LARGE)
+    folder = tmp_path_factory.mktemp("big")
+    try:
+        measured = _fold_then_expand(folder, LARGE)
+    finally:  # pytest keeps old temp folders: do not leave 7 GB behind per run
+        shutil.rmtree(folder, ignore_errors=True)
     for command, run in measured.items():
         print(
             f"\n{command}: peak RSS {run.peak_rss_bytes / 1e9:.2f} GB for "
@@ -271,7 +277,7 @@ def big_runs(tmp_path_factory) -> dict[str, CliRun]:
             f"({run.peak_rss_bytes / LARGE.weight_bytes:.2f}x) in {run.seconds:.0f} s"
         )
         print("\n".join(run.phase_lines()))
-    return measured
+    yield measured
 
 
 @pytest.mark.slow
