@@ -301,8 +301,40 @@ def _add_compile(sub) -> None:
         help="write the generated code to DIR: CUDA C (.cu) for cuda, LLVM IR (.ll) and "
         "assembly (.s) for llvm",
     )  # fmt: skip
+    p.add_argument(
+        "--tune-trials", type=int, default=0, metavar="N",
+        help="spend N MetaSchedule measurements tuning the convolutions first (needs --tune-db)",
+    )  # fmt: skip
+    p.add_argument(
+        "--tune-db", metavar="DIR",
+        help="tuning records: kept here by --tune-trials, applied to the build when present; "
+        "tasks with records are not tuned again",
+    )  # fmt: skip
     p.add_argument("--report", metavar="R.json", help="write the report as JSON")
     _add_check_options(p)
+
+
+class _ProgressBar:
+    """A one-line progress bar with ETA on stderr (plain lines when stderr is not a terminal)."""
+
+    def __init__(self, label: str, width: int = 30) -> None:
+        self.label = label
+        self.width = width
+        self.tty = sys.stderr.isatty()
+        self.last_reported = -1
+
+    def __call__(self, done: int, total: int, eta_s: float | None) -> None:
+        total = max(total, 1)
+        eta = "--" if eta_s is None else f"{int(eta_s) // 60}m{int(eta_s) % 60:02d}s"
+        filled = int(self.width * min(done, total) / total)
+        line = (
+            f"{self.label} [{'#' * filled}{'.' * (self.width - filled)}] {done}/{total}, ETA {eta}"
+        )
+        if self.tty:
+            print("\r" + line, end="" if done < total else "\n", file=sys.stderr, flush=True)
+        elif done == total or done * 10 // total > self.last_reported:
+            self.last_reported = done * 10 // total
+            print(line, file=sys.stderr, flush=True)
 
 
 def _run_compile(args: argparse.Namespace) -> int:
@@ -318,6 +350,8 @@ def _run_compile(args: argparse.Namespace) -> int:
             args.input, args.target, output=args.output, arch=args.arch, mcpu=args.mcpu,
             optimize=not args.no_optimize, check=not args.no_check,
             seeds=tuple(range(args.seeds)), shapes=shapes, emit_source=args.emit_source,
+            tune_trials=args.tune_trials, tune_db=args.tune_db,
+            tune_progress=_ProgressBar("tuning") if args.tune_trials else None,
         )  # fmt: skip
     except CheckFailed as failure:
         if failure.report is not None:
@@ -333,6 +367,13 @@ def _run_compile(args: argparse.Namespace) -> int:
     detail = ", ".join(f"{k.removesuffix('_s')} {v:.2f} s" for k, v in t.items())
     spec = info.target.get("host", info.target) if info.target_kind == "cuda" else info.target
     arch = info.target.get("arch") if info.target_kind == "cuda" else spec.get("mcpu", "")
+    if "tuning" in report.extra:
+        _echo(f"{'tuned':8} {report.extra['tuning']['summary'].removeprefix('tuning: ')}")
+    for decision in report.extra.get("schedules", []):
+        if decision["schedule"] not in ("none", "llvm-fallback"):
+            _echo(
+                f"{'schedule':8} {decision['function']}: {decision['schedule']} ({decision['detail']})"
+            )
     _echo(f"{'compiled':8} {info.target_kind} ({arch}) in {sum(t.values()):.2f} s ({detail})")
     _echo(f"{'inputs':8} " + ", ".join(s.describe() for s in info.inputs))
     _echo(f"{'outputs':8} " + ", ".join(s.describe() for s in info.outputs))
@@ -447,6 +488,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             level=logging.INFO if args.verbose else logging.WARNING,
             format="%(levelname)s %(name)s: %(message)s",
         )
+        if not args.verbose:  # MetaSchedule logs every tuning round at INFO
+            logging.getLogger("tvm").setLevel(logging.WARNING)
         return _COMMANDS[args.command][1](args)
     except GconvError as error:
         print(f"gconv-compile: error: {error}", file=sys.stderr)

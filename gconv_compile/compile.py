@@ -88,14 +88,19 @@ def host_llvm_target(mcpu: str | None = None) -> dict[str, str]:
     The CPU is named from /proc/cpuinfo flags: skylake-avx512, haswell or x86-64.
     """
     machine = platform.machine().lower()
+    # MetaSchedule needs the core count in the target; the code itself runs on any count.
+    cores = os.cpu_count() or 1
     if machine in ("x86_64", "amd64"):
         if mcpu is None:
             flags = _cpu_flags()
             mcpu = next(name for name, needs in _X86_MCPU_FLAGS if needs <= flags)
-        return {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": mcpu}
+        return {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": mcpu, "num-cores": cores}
     if machine in ("aarch64", "arm64"):
-        return {"kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": mcpu or "generic"}
-    spec = {"kind": "llvm"}
+        return {
+            "kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": mcpu or "generic",
+            "num-cores": cores,
+        }  # fmt: skip
+    spec = {"kind": "llvm", "num-cores": cores}
     if mcpu:
         spec["mcpu"] = mcpu
     return spec
@@ -181,13 +186,6 @@ def optimization_for_target(kind: str) -> Callable[[ir.Model], tuple[list, list]
     if not profile.expand_options():
         return pipeline.fold if profile.fold else None
     return pipeline.retarget(profile)
-
-
-def _relax_pipeline(kind: str) -> str:
-    # "default" is what tvm.compile picks: the generic lowering on CPU (TVM warns that the CPU
-    # fusion pipeline can drop side-effecting packed calls) and the DLight-scheduled pipeline
-    # on GPUs. CPU fusion measured no faster on the light zoo models.
-    return "default"
 
 
 # ------------------------------------------------------------------------------- metadata
@@ -330,6 +328,9 @@ def compile(  # noqa: A001 - the public name the API promises
     seeds: Sequence[int] = (0, 1, 2),
     shapes: Mapping[str, Sequence[int]] | None = None,
     emit_source: str | os.PathLike | None = None,
+    tune_trials: int = 0,
+    tune_db: str | os.PathLike | None = None,
+    tune_progress: Callable[[int, int, float | None], None] | None = None,
 ) -> CompiledModel:
     """Optimise ``model`` for ``target``, build it with TVM Relax, and optionally export it.
 
@@ -347,6 +348,10 @@ def compile(  # noqa: A001 - the public name the API promises
             symbolic) and in the check.
         emit_source: Folder to write the generated code to (``.cu`` for cuda, ``.ll`` and
             ``.s`` for llvm).
+        tune_trials: MetaSchedule measurements to spend before the build (0: none). Needs
+            ``tune_db``; tasks that already have records there are not tuned again.
+        tune_db: Tuning-record folder: records found there are applied to the build.
+        tune_progress: Called as ``tune_progress(done, total, eta_seconds_or_None)``.
 
     Returns:
         The compiled model; ``.runner()`` runs it in this process.
@@ -371,6 +376,12 @@ def compile(  # noqa: A001 - the public name the API promises
             raise UserError(f"{out_path}: the library name must end in .so")
         check_output_path(sidecar_path(out_path), loaded)
     source_dir = _check_source_dir(emit_source) if emit_source is not None else None
+    if tune_trials < 0:
+        raise UserError("--tune-trials must be 0 or more")
+    if tune_trials and tune_db is None:
+        raise UserError("--tune-trials needs --tune-db DIR to keep the tuning records in")
+    if tune_db is not None and Path(tune_db).exists() and not Path(tune_db).is_dir():
+        raise UserError(f"--tune-db {tune_db}: not a folder")
     shapes = {name: list(dims) for name, dims in (shapes or {}).items()}
     _check_shape_names(loaded.model, shapes)
 
@@ -400,14 +411,41 @@ def compile(  # noqa: A001 - the public name the API promises
     mod = _import_relax(model_ir, shapes)
     timings["import_s"] = time.perf_counter() - started
 
-    started = time.perf_counter()
+    from gconv_compile import tvm_schedules
+
     tvm_target = _tvm_target(spec)
+    if tune_trials:
+        symbolic = [
+            s.describe()
+            for s in inputs
+            if s.shape is None or not all(isinstance(d, int) for d in s.shape)
+        ]
+        if symbolic:
+            raise UserError(
+                "tuning needs static input shapes (MetaSchedule cannot tune symbolic ones): "
+                f"bind {', '.join(symbolic)} with --shape NAME=DIMS"
+            )
+        started = time.perf_counter()
+        with tvm_target:
+            fused = tvm.transform.Sequential(tvm_schedules.legalize_and_fuse(tvm_target))(mod)
+        summary = tvm_schedules.tune(
+            fused, tvm_target, trials=tune_trials, db_dir=tune_db, progress=tune_progress
+        )
+        report.extra["tuning"] = {"db": str(tune_db), "summary": summary.line()}
+        timings["tune_s"] = time.perf_counter() - started
+
+    started = time.perf_counter()
+    decisions: list = []
+    pipeline = tvm_schedules.relax_pipeline(
+        tvm_target, db_dir=str(tune_db) if tune_db is not None else None, decisions=decisions
+    )
     try:
         with tvm.transform.PassContext(opt_level=3):
-            executable = tvm.compile(mod, tvm_target, relax_pipeline=_relax_pipeline(spec["kind"]))
+            executable = tvm.compile(mod, tvm_target, relax_pipeline=pipeline)
     except Exception as exc:
         raise UserError(f"TVM cannot build the model for {spec['kind']}: {_tvm_message(exc)}")
     timings["build_s"] = time.perf_counter() - started
+    report.extra["schedules"] = [d.to_dict() for d in decisions]
 
     info = LibraryInfo(
         model_sha256=fingerprint,

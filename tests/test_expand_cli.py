@@ -156,7 +156,7 @@ def test_command_line_entry_point(mixed, tmp_path):
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
-    assert "summary: 4 rewrites, 1 skipped" in done.stdout  # depthwise ConvTranspose expanded
+    assert "summary: 4 convs expanded, 1 skipped" in done.stdout  # depthwise ConvTranspose expanded
     assert left_after(out) == ["dw"]
 
 

@@ -13,6 +13,7 @@ well).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -125,42 +126,45 @@ def tune(
         return summary
     per_task = max_trials_per_task or max(1, math.ceil(trials / len(todo)))
     total = min(trials, per_task * len(todo))
-    contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
-        todo, work_dir=str(db_dir), num_threads="physical"
-    )
-    measured = {"n": 0}
-    tune_started = time.perf_counter()
+    # MetaSchedule's loggers print every round to stdout; its log files in db_dir/logs keep
+    # them, and the caller's progress callback is what a person watches.
+    with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
+        contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
+            todo, work_dir=str(db_dir), num_threads="physical"
+        )
+        measured = {"n": 0}
+        tune_started = time.perf_counter()
 
-    @derived_object
-    class _Progress(PyMeasureCallback):
-        def apply(
-            self, task_scheduler, task_id, measure_candidates, builder_results, runner_results
-        ):
-            measured["n"] += len(runner_results)
-            done = min(measured["n"], total)
-            elapsed = time.perf_counter() - tune_started
-            eta = elapsed / done * (total - done) if done else None
-            if progress:
-                progress(done, total, eta)
+        @derived_object
+        class _Progress(PyMeasureCallback):
+            def apply(
+                self, task_scheduler, task_id, measure_candidates, builder_results, runner_results
+            ):
+                measured["n"] += len(runner_results)
+                done = min(measured["n"], total)
+                elapsed = time.perf_counter() - tune_started
+                eta = elapsed / done * (total - done) if done else None
+                if progress:
+                    progress(done, total, eta)
 
-    callbacks = [*ms.MeasureCallback.create("default"), _Progress()]
-    # MetaSchedule's 30 s build timeout fails every candidate on a busy small machine.
-    workers = max(1, (os.cpu_count() or 1) // 2)
-    builder = ms.builder.LocalBuilder(max_workers=workers, timeout_sec=build_timeout_s)
-    runner = ms.runner.LocalRunner(timeout_sec=run_timeout_s)
-    ms.tune.tune_tasks(
-        tasks=contexts,
-        task_weights=weights,
-        work_dir=str(db_dir),
-        max_trials_global=total,
-        max_trials_per_task=per_task,
-        num_trials_per_iter=max(4, min(64, per_task)),
-        database=database,
-        cost_model=summary.cost_model,
-        measure_callbacks=callbacks,
-        builder=builder,
-        runner=runner,
-    )
+        callbacks = [*ms.MeasureCallback.create("default"), _Progress()]
+        # MetaSchedule's 30 s build timeout fails every candidate on a busy small machine.
+        workers = max(1, (os.cpu_count() or 1) // 2)
+        builder = ms.builder.LocalBuilder(max_workers=workers, timeout_sec=build_timeout_s)
+        runner = ms.runner.LocalRunner(timeout_sec=run_timeout_s)
+        ms.tune.tune_tasks(
+            tasks=contexts,
+            task_weights=weights,
+            work_dir=str(db_dir),
+            max_trials_global=total,
+            max_trials_per_task=per_task,
+            num_trials_per_iter=max(4, min(64, per_task)),
+            database=database,
+            cost_model=summary.cost_model,
+            measure_callbacks=callbacks,
+            builder=builder,
+            runner=runner,
+        )
     if progress and measured["n"] < total:
         progress(total, total, 0.0)  # MetaSchedule stops early when a space is exhausted
     summary.tuned = [t.task_name for t in todo]
