@@ -10,6 +10,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 import onnx
 import onnx_ir as ir
+from onnx_ir import external_data as ir_external_data
 
 from gconv_compile.errors import CheckFailed, UserError
 from gconv_compile.model_io import (
@@ -52,13 +53,16 @@ def run_checked(
     model = loaded.model
     report.nodes_before = count_nodes(model)
     with contextlib.ExitStack() as stack:
-        before = None
+        reference = None
         if check:
             if loaded.path is not None and model.ir_version <= ORT_MAX_IR_VERSION:
                 before = str(loaded.path)
             else:
                 workdir = stack.enter_context(tempfile.TemporaryDirectory(prefix="gconv-before-"))
                 before = to_ort_source(model, workdir)
+            # Run the reference now, while the model holds only the input's weights: after the
+            # rewrite, new weights and onnxruntime's copy of the old ones would both be resident.
+            reference = ReferenceRun(model, seeds=seeds, shapes=shapes, source=before)
         rewrites, skips = rewrite(model)
         report.rewrites.extend(rewrites)
         report.skips.extend(skips)
@@ -68,7 +72,6 @@ def run_checked(
         elif not rewrites:
             report.check_note = "nothing rewritten, nothing to check"
         else:
-            reference = ReferenceRun(model, seeds=seeds, shapes=shapes, source=before)
             report.check = reference.check(model)
             if not report.check.passed:
                 raise CheckFailed("the rewritten model does not match the input", report)
@@ -218,9 +221,7 @@ def optimize(
         report.target = profile.name
         rewrite = retarget(profile, warnings=report.warnings)
     result = run_checked(loaded, rewrite, report, check=check, seeds=seeds, shapes=shapes)
-    if isinstance(model, onnx.ModelProto):
-        return ir.serde.serialize_model(result), report
-    return result, report
+    return _like_input(model, result), report
 
 
 def expand(
@@ -269,6 +270,12 @@ def expand(
     loaded = load_model(model)
     report.input = str(loaded.path) if loaded.path else None
     result = run_checked(loaded, rewrite, report, check=check, seeds=seeds, shapes=shapes)
-    if isinstance(model, onnx.ModelProto):
-        return ir.serde.serialize_model(result), report
-    return result, report
+    return _like_input(model, result), report
+
+
+def _like_input(given: object, result: ir.Model) -> onnx.ModelProto | ir.Model:
+    """An ``onnx.ModelProto`` for a proto caller (weights in it, not in a spill file)."""
+    if not isinstance(given, onnx.ModelProto):
+        return result
+    ir_external_data.load_to_model(result)
+    return ir.serde.serialize_model(result)

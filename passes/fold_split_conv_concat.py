@@ -121,10 +121,12 @@ class FoldSplitConvConcat(ir.passes.InPlacePass):
         self.functions = functions
         self.rewrites: list[Rewrite] = []
         self.skips: list[Skip] = []
+        self._opset = 1
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         self.rewrites = []
         self.skips = []
+        self._opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 1))
         facts = ShapeFacts(model)
         names = NameScope(model)
         in_functions = function_graphs(model)
@@ -373,17 +375,23 @@ class FoldSplitConvConcat(ir.passes.InPlacePass):
         self, match: _Match, graph: ir.Graph, names: NameScope, in_function: bool, base: str
     ) -> ir.Value:
         lo, hi = match.window
-        consts = [
-            add_constant(
-                graph,
-                np.array([v], np.int64),
-                names.fresh(f"{base}.window_{label}"),
-                as_node=in_function,
-                before=match.concat,
-            )  # fmt: skip
-            for label, v in (("starts", lo), ("ends", hi), ("axes", 1), ("steps", 1))
-        ]
-        node = ir.node("Slice", [match.source, *consts], name=names.fresh(f"{base}_window"))
+        name = names.fresh(f"{base}_window")
+        if self._opset < 10:  # Slice-1 takes its bounds as attributes
+            attributes = {"starts": [lo], "ends": [hi], "axes": [1]}
+            node = ir.node("Slice", [match.source], attributes=attributes, name=name)
+        else:
+            bounds = (("starts", lo), ("ends", hi), ("axes", 1), ("steps", 1))
+            consts = [
+                add_constant(
+                    graph,
+                    np.array([v], np.int64),
+                    names.fresh(f"{base}.window_{label}"),
+                    as_node=in_function,
+                    before=match.concat,
+                )  # fmt: skip
+                for label, v in bounds
+            ]
+            node = ir.node("Slice", [match.source, *consts], name=name)
         node.outputs[0].name = names.fresh(f"{base}_window_out")
         graph.insert_before(match.concat, node)
         return node.outputs[0]

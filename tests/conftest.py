@@ -14,6 +14,9 @@ import pytest
 # `import builders` from any test module, however pytest was started.
 sys.path.insert(0, str(Path(__file__).parent))
 
+# Hypothesis profiles "ci" and "long" must exist before --hypothesis-profile is applied.
+import hypothesis_profiles  # noqa: E402, F401
+
 from gconv_compile.verify import (  # noqa: E402
     CheckResult,
     compare_results,

@@ -44,7 +44,7 @@ ort.set_default_logger_severity(3)
 
 # Known fold-pass bugs, kept out of the random draws so that the fuzzer finds new ones; each
 # has an xfail(strict=True) regression test below. Set to False once the test passes.
-KNOWN_BUG_OPSET9_WINDOW = True
+KNOWN_BUG_OPSET9_WINDOW = False
 
 CI_FOLDABLE = 500
 CI_NEAR_MISS_EACH = 30  # per mutation
@@ -894,11 +894,6 @@ def test_near_miss_table_is_complete() -> None:
     } <= set(NEAR_MISS_REASONS)  # fmt: skip
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: a gapped window in an opset-9 model gets an opset-10 Slice (inputs, not "
-    "attributes), which is an invalid model",
-)
 def test_gapped_window_in_opset_9_model() -> None:
     branch = {"in_width": 1, "out": 1, "kernel": (1,), "dilations": None, "strides": None,
               "pads": None, "auto_pad": None, "group": 1, "bias": False, "batch_norm": False,

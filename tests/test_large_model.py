@@ -289,12 +289,6 @@ def test_model_over_2gb_goes_through_optimize_and_expand(big_runs) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: pipeline.run_checked builds ReferenceRun after rewrite(model), so the "
-    "rewritten weights (1 GiB here) sit in memory while onnxruntime maps all input weights for "
-    "the reference run: 1.54x; building it before the rewrite gives 1.06x",
-)
 def test_model_over_2gb_peak_memory_under_1_5x_weights(big_runs) -> None:
     for command, run in big_runs.items():
         assert run.peak_rss_bytes < MEMORY_FACTOR * LARGE.weight_bytes, (

@@ -200,9 +200,16 @@ def schedule_module(
                 decisions.append(Decision(name, "tuned", "schedule from the tuning database"))
                 continue
             const_params = _constant_params(func, calls.get(name, []))
-            new, form_done, why, packing = backend.schedule_conv(
-                func, target, constant_params=const_params, form=form
-            )
+            try:
+                new, form_done, why, packing = backend.schedule_conv(
+                    func, target, constant_params=const_params, form=form
+                )
+            except RuntimeError as err:  # ScheduleError and the FFI errors derive from it
+                # A function in a form the matcher does not know (no root block, say) keeps
+                # TVM's own lowering; a schedule we cannot apply must never fail the build.
+                first = (str(err).strip().splitlines() or [""])[0][:200]
+                decisions.append(Decision(name, "none", f"not scheduled: {first}"))
+                continue
             if new is not None:
                 updates[gv] = new
                 if packing is not None:
