@@ -43,6 +43,7 @@ from gconv_compile import __version__
 from gconv_compile.errors import GconvError, UserError
 from gconv_compile.model_io import LoadedModel, check_output_path, count_nodes, load_model
 from gconv_compile.report import Report
+from passes.fold_slice_bounds import FoldSliceBounds
 
 logger = logging.getLogger(__name__)
 
@@ -184,8 +185,19 @@ def optimization_for_target(kind: str) -> Callable[[ir.Model], tuple[list, list]
 
     profile = load_profile(kind)
     if not profile.expand_options():
-        return pipeline.fold if profile.fold else None
-    return pipeline.retarget(profile)
+        retarget = pipeline.fold if profile.fold else None
+    else:
+        retarget = pipeline.retarget(profile)
+
+    def rewrite(model: ir.Model) -> tuple[list, list]:
+        rewrites, skips = retarget(model) if retarget is not None else ([], [])
+        # Slice bounds computed from static dims (torch.chunk's TorchScript export) are made
+        # constant: TVM cannot lower a Concat of slices whose shapes it cannot see.
+        bounds = FoldSliceBounds()
+        bounds(model)
+        return rewrites + bounds.rewrites, skips + bounds.skips
+
+    return rewrite
 
 
 # ------------------------------------------------------------------------------- metadata

@@ -7,11 +7,20 @@ from __future__ import annotations
 
 from passes._common import Rewrite, Skip
 from passes.expand_grouped_conv import ExpandGroupedConv
+from passes.fold_slice_bounds import FoldSliceBounds
 from passes.fold_split_conv_concat import FoldSplitConvConcat
 
-__all__ = ["PASSES", "ExpandGroupedConv", "FoldSplitConvConcat", "Rewrite", "Skip"]
+__all__ = [
+    "FoldSliceBounds",
+    "PASSES",
+    "ExpandGroupedConv",
+    "FoldSplitConvConcat",
+    "Rewrite",
+    "Skip",
+]
 
 PASSES: dict[str, type] = {
     "fold-split-conv-concat": FoldSplitConvConcat,
+    "fold-slice-bounds": FoldSliceBounds,
     "expand-grouped-conv": ExpandGroupedConv,
 }
