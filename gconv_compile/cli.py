@@ -369,8 +369,10 @@ def _run_compile(args: argparse.Namespace) -> int:
     arch = info.target.get("arch") if info.target_kind == "cuda" else spec.get("mcpu", "")
     if "tuning" in report.extra:
         _echo(f"{'tuned':8} {report.extra['tuning']['summary'].removeprefix('tuning: ')}")
+    for form in report.extra.get("conv_forms", []):
+        _echo(f"{'form':8} {form['node']}: {form['form']} ({form['why']})")
     for decision in report.extra.get("schedules", []):
-        if decision["schedule"] not in ("none", "llvm-fallback"):
+        if "conv" in decision["detail"] or decision["schedule"] == "tuned":
             _echo(
                 f"{'schedule':8} {decision['function']}: {decision['schedule']} ({decision['detail']})"
             )

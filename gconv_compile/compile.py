@@ -43,6 +43,7 @@ from gconv_compile import __version__
 from gconv_compile.errors import GconvError, UserError
 from gconv_compile.model_io import LoadedModel, check_output_path, count_nodes, load_model
 from gconv_compile.report import Report
+from passes.expand_grouped_conv import ExpandGroupedConv
 from passes.fold_slice_bounds import FoldSliceBounds
 
 logger = logging.getLogger(__name__)
@@ -173,12 +174,15 @@ def _tvm_target(spec: Mapping[str, Any]):
     return tvm.target.Target(spec, host=host) if host else tvm.target.Target(spec)
 
 
-def optimization_for_target(kind: str) -> Callable[[ir.Model], tuple[list, list]] | None:
+def optimization_for_target(
+    kind: str, forms_out: list[dict[str, Any]] | None = None
+) -> Callable[[ir.Model], tuple[list, list]] | None:
     """The rewrite the target's profile asks for before TVM sees the model (None: nothing).
 
     The llvm and cuda profiles fold split-conv-concat blocks and run every grouped convolution
     natively, so this is the fold; a profile that also expands goes through the pipeline's
-    ``retarget``.
+    ``retarget``. On cuda, grouped convs with few, wide groups may become dense block-diagonal
+    convs (:func:`choose_cuda_conv_forms`); ``forms_out`` receives those decisions.
     """
     from gconv_compile import pipeline
     from gconv_compile.profiles import load_profile
@@ -191,6 +195,16 @@ def optimization_for_target(kind: str) -> Callable[[ir.Model], tuple[list, list]
 
     def rewrite(model: ir.Model) -> tuple[list, list]:
         rewrites, skips = retarget(model) if retarget is not None else ([], [])
+        if kind == "cuda":
+            forms = choose_cuda_conv_forms(model)
+            if forms_out is not None:
+                forms_out.extend(forms)
+            dense = {f["node"] for f in forms if f["form"] == "dense-blockdiag"}
+            if dense:
+                others = {f["node"] for f in forms} - dense
+                expand = ExpandGroupedConv(mode="dense", skip=others, op_types=("Conv",))
+                expand(model)
+                rewrites, skips = rewrites + expand.rewrites, skips + expand.skips
         # Slice bounds computed from static dims (torch.chunk's TorchScript export) are made
         # constant: TVM cannot lower a Concat of slices whose shapes it cannot see.
         bounds = FoldSliceBounds()
@@ -198,6 +212,58 @@ def optimization_for_target(kind: str) -> Callable[[ir.Model], tuple[list, list]
         return rewrites + bounds.rewrites, skips + bounds.skips
 
     return rewrite
+
+
+# Peak dense rates of an H100 SXM in TFLOP/s, the GPU issue #5 targets. Only their ratio decides:
+# TVM 0.27 generates no TF32, so float32 convs never reach tensor cores, while float16 dense
+# convs do through dlight's Matmul rule and our grouped kernels stay on the CUDA cores. These are
+# datasheet numbers, not measurements: no GPU was available when this estimate was written.
+CUDA_CORE_TFLOPS = {"float32": 67.0, "float16": 134.0, "bfloat16": 134.0}
+CUDA_TENSOR_CORE_TFLOPS = {"float16": 989.0, "bfloat16": 989.0}
+# Below this many input channels per group a dense block-diagonal GEMM is mostly zero-padding of
+# tensor-core tiles and launch overhead; the grouped kernel stays.
+WIDE_GROUP_CHANNELS = 64
+
+
+def choose_cuda_conv_forms(model: ir.Model) -> list[dict[str, Any]]:
+    """For each grouped Conv with 2-4 wide groups: grouped kernel or dense block-diagonal conv.
+
+    The dense form does ``group`` times the multiply-adds but runs on tensor cores where the
+    element type has them; the estimate compares ``group / tensor-core rate`` with
+    ``1 / CUDA-core rate`` and picks the cheaper.
+    """
+    from passes._common import const_array
+
+    forms = []
+    for graph in model.graphs():
+        for node in graph:
+            if node.op_type != "Conv" or node.domain not in ("", "ai.onnx"):
+                continue
+            group_attr = node.attributes.get("group")
+            group = group_attr.as_int() if group_attr is not None else 1
+            weight = const_array(node.inputs[1]) if len(node.inputs) > 1 else None
+            if not 2 <= group <= 4 or weight is None:
+                continue
+            dtype = weight.dtype.name
+            per_group_in = weight.shape[1]
+            if per_group_in == 1:
+                continue  # depthwise: its own schedule
+            grouped_rate = CUDA_CORE_TFLOPS.get(dtype, CUDA_CORE_TFLOPS["float32"])
+            dense_rate = CUDA_TENSOR_CORE_TFLOPS.get(dtype, grouped_rate)
+            ratio = (group / dense_rate) / (1 / grouped_rate)  # dense time / grouped time
+            dense = ratio < 1 and per_group_in >= WIDE_GROUP_CHANNELS
+            why = (
+                f"group {group}, {per_group_in} in-channels per group, {dtype}: dense does "
+                f"{group}x the MACs at {dense_rate:g} TFLOP/s peak vs grouped at "
+                f"{grouped_rate:g}, estimated {ratio:.2f}x the grouped time"
+            )
+            if ratio < 1 and not dense:
+                why += f"; groups narrower than {WIDE_GROUP_CHANNELS} channels stay grouped"
+            forms.append(
+                {"node": node.name, "group": group, "dtype": dtype,
+                 "form": "dense-blockdiag" if dense else "grouped-igemm", "why": why}
+            )  # fmt: skip
+    return forms
 
 
 # ------------------------------------------------------------------------------- metadata
@@ -401,7 +467,8 @@ def compile(  # noqa: A001 - the public name the API promises
     report = Report("compile", input=str(loaded.path) if loaded.path else None, target=spec["kind"])
     timings: dict[str, float] = {}
     report.extra["timings"] = timings
-    rewrite = optimization_for_target(spec["kind"]) if optimize else None
+    conv_forms: list[dict[str, Any]] = []
+    rewrite = optimization_for_target(spec["kind"], conv_forms) if optimize else None
     started = time.perf_counter()
     if rewrite is None:
         report.nodes_before = report.nodes_after = count_nodes(loaded.model)
@@ -458,6 +525,8 @@ def compile(  # noqa: A001 - the public name the API promises
         raise UserError(f"TVM cannot build the model for {spec['kind']}: {_tvm_message(exc)}")
     timings["build_s"] = time.perf_counter() - started
     report.extra["schedules"] = [d.to_dict() for d in decisions]
+    if spec["kind"] == "cuda":
+        report.extra["conv_forms"] = conv_forms
 
     info = LibraryInfo(
         model_sha256=fingerprint,
