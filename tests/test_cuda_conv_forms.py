@@ -48,8 +48,10 @@ def test_cuda_picks_a_form_per_conv(tmp_path, group, per_group, dtype, form, rea
     assert reason in forms[0]["why"]
     expanded = [r for r in built.report.rewrites if r.pass_name == "expand-grouped-conv"]
     assert bool(expanded) == (form == "dense-blockdiag")
-    # The rewrite (dense or not) was checked against the input in onnxruntime.
-    assert built.report.check is not None and built.report.check.passed
+    if expanded:  # the dense rewrite was checked against the input in onnxruntime
+        assert built.report.check is not None and built.report.check.passed
+    else:
+        assert built.report.check is None and "nothing rewritten" in built.report.check_note
 
 
 def test_dense_form_computes_the_same_in_onnxruntime(tmp_path):
