@@ -218,22 +218,7 @@ def verify(
 
     device = "cuda" if on_gpu else "cpu"
     if failure is not None:
-        stats = [
-            OutputStats(
-                name,
-                list(np.shape(value)),
-                str(np.asarray(value).dtype),
-                float("inf"),
-                float("inf"),
-                float("inf"),
-                [],
-                0.0,
-                0.0,
-                False,
-                note=failure,
-            )  # fmt: skip
-            for name, value in references[0].items()
-        ]
+        stats = [OutputStats.failed(name, failure, value) for name, value in references[0].items()]
     else:
         stats = _compare(references, candidates, device, atol, rtol)
     check = CheckResult(

@@ -52,6 +52,16 @@ class OutputStats:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    @classmethod
+    def failed(
+        cls, name: str, note: str, reference: np.ndarray | None = None, tolerance=(0.0, 0.0)
+    ) -> OutputStats:
+        """An output that could not be compared at all (missing, wrong shape, run failed)."""
+        shape = list(np.shape(reference)) if reference is not None else []
+        dtype = str(np.asarray(reference).dtype) if reference is not None else ""
+        inf = float("inf")
+        return cls(name, shape, dtype, inf, inf, inf, [], *tolerance, False, note=note)
+
 
 @dataclasses.dataclass
 class CheckResult:
@@ -216,10 +226,8 @@ def compare_arrays(
     cand = np.asarray(cand)
     tol_a, tol_r = tolerance_for(ref.dtype, atol, rtol)
     if ref.shape != cand.shape:
-        return OutputStats(
-            name, list(ref.shape), str(ref.dtype), float("inf"), float("inf"), float("inf"),
-            [], tol_a, tol_r, False, note=f"shape {list(cand.shape)} != reference {list(ref.shape)}",
-        )  # fmt: skip
+        note = f"shape {list(cand.shape)} != reference {list(ref.shape)}"
+        return OutputStats.failed(name, note, ref, (tol_a, tol_r))
     if ref.size == 0:
         return OutputStats(
             name, list(ref.shape), str(ref.dtype), 0.0, 0.0, 0.0, [], tol_a, tol_r, True
@@ -278,21 +286,7 @@ def compare_results(
         stats = []
         for name, ref_value in ref.items():
             if name not in cand:
-                stats.append(
-                    OutputStats(
-                        name,
-                        list(np.shape(ref_value)),
-                        str(np.asarray(ref_value).dtype),
-                        float("inf"),
-                        float("inf"),
-                        float("inf"),
-                        [],
-                        0.0,
-                        0.0,
-                        False,
-                        note="missing from candidate",
-                    )  # fmt: skip
-                )
+                stats.append(OutputStats.failed(name, "missing from candidate", ref_value))
                 continue
             stats.append(compare_arrays(name, ref_value, cand[name], atol=atol, rtol=rtol))
         per_seed.append(stats)
@@ -328,21 +322,9 @@ class ReferenceRun:
         try:
             outputs = run_ort_model(candidate, self.feeds)
         except Exception as exc:
+            note = f"onnxruntime failed on the rewritten model: {_first_line(exc)}"
             failed = [
-                OutputStats(
-                    name,
-                    [],
-                    "",
-                    float("inf"),
-                    float("inf"),
-                    float("inf"),
-                    [],
-                    0.0,
-                    0.0,
-                    False,
-                    note=f"onnxruntime failed on the rewritten model: {_first_line(exc)}",
-                )  # fmt: skip
-                for name in self.outputs[0]
+                OutputStats.failed(name, note, value) for name, value in self.outputs[0].items()
             ]
             return CheckResult(failed, self.seeds, self.shapes)
         return CheckResult(compare_results(self.outputs, outputs), self.seeds, self.shapes)

@@ -223,6 +223,22 @@ def add_constant(
     return value
 
 
+def take_over_value(old: ir.Value, result: ir.Value, names: NameScope, suffix: str) -> None:
+    """Make ``result`` replace ``old`` everywhere, under ``old``'s name, type, shape and metadata.
+
+    Keeping the name keeps value_info entries and graph output names as they were; ``old``
+    is renamed ``<name>__<suffix>`` so the two never collide.
+    """
+    final_name = old.name
+    old.name = names.fresh(f"{final_name}__{suffix}")
+    result.name = final_name
+    result.type = old.type
+    result.shape = old.shape
+    result.doc_string = old.doc_string
+    result.metadata_props.update(old.metadata_props)
+    old.replace_all_uses_with(result, replace_graph_outputs=True)
+
+
 def remove_with_dead_producers(graph: ir.Graph, nodes: Iterable[ir.Node]) -> int:
     """Remove ``nodes``, then whatever only fed them: producers and initializers left unused.
 

@@ -74,6 +74,7 @@ from passes._common import (
     is_onnx_op,
     node_label,
     remove_with_dead_producers,
+    take_over_value,
 )
 
 logger = logging.getLogger(__name__)
@@ -271,17 +272,8 @@ class ExpandGroupedConv(ir.passes.InPlacePass):
             summary += f"; {match.note}"
         graph.insert_before(conv, new_nodes)
 
-        # The expansion takes over the Conv output's name, type, shape and metadata, so
-        # value_info entries and graph output names stay as they were.
-        old = conv.outputs[0]
-        final_name = old.name
-        old.name = names.fresh(f"{final_name}__expanded")
-        result.name = final_name
-        result.type = old.type
-        result.shape = old.shape
-        result.doc_string = old.doc_string
-        result.metadata_props.update(old.metadata_props)
-        old.replace_all_uses_with(result, replace_graph_outputs=True)
+        # The result takes over the Conv output's name, so value_info and graph outputs hold.
+        take_over_value(conv.outputs[0], result, names, "expanded")
         remove_with_dead_producers(graph, [conv])
         details.update(
             {

@@ -61,6 +61,7 @@ from passes._common import (
     is_onnx_op,
     node_label,
     remove_with_dead_producers,
+    take_over_value,
 )
 from passes._shapes import ShapeFacts
 
@@ -332,17 +333,8 @@ class FoldSplitConvConcat(ir.passes.InPlacePass):
             notes.append(f"{activation.op_type} moved after the grouped {op_type}")
         graph.insert_before(concat, new_nodes)
 
-        # The folded output takes over the Concat output's name, type, shape and metadata, so
-        # value_info entries and graph output names stay as they were.
-        old = concat.outputs[0]
-        final_name = old.name
-        old.name = names.fresh(f"{final_name}__folded")
-        result.name = final_name
-        result.type = old.type
-        result.shape = old.shape
-        result.doc_string = old.doc_string
-        result.metadata_props.update(old.metadata_props)
-        old.replace_all_uses_with(result, replace_graph_outputs=True)
+        # The result takes over the Concat output's name, so value_info and graph outputs hold.
+        take_over_value(concat.outputs[0], result, names, "folded")
         doomed = [concat]
         for branch in branches:
             doomed.extend(
