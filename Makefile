@@ -26,8 +26,8 @@ fuzz: $(STAMP)
 	$(PY) -m pytest -q tests/test_fuzz.py --hypothesis-profile=long
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check gconv_compile passes tests benchmarks examples
-	$(VENV)/bin/ruff format --check gconv_compile passes tests benchmarks examples
+	$(VENV)/bin/ruff check gconv_compile passes tests benchmarks examples scripts
+	$(VENV)/bin/ruff format --check gconv_compile passes tests benchmarks examples scripts
 
 bench: $(STAMP)
 	$(PY) benchmarks/fold_pass_scaling.py

@@ -26,7 +26,13 @@ from grouped_models import zoo_model  # noqa: E402
 STEPS = [
     ("expand (split)", "expand", "model.onnx", "split.onnx", []),
     ("optimize(expanded): round trip", "optimize", "split.onnx", "folded.onnx", []),
-    ("optimize --target generic-npu", "optimize", "model.onnx", "npu.onnx", ["--target", "generic-npu"]),
+    (
+        "optimize --target generic-npu",
+        "optimize",
+        "model.onnx",
+        "npu.onnx",
+        ["--target", "generic-npu"],
+    ),
     ("expand --mode dense", "expand", "model.onnx", "dense.onnx", ["--mode", "dense"]),
 ]
 
