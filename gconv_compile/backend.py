@@ -42,22 +42,15 @@ CONFORMANCE_PATTERN = (
 # scripts/backend_conformance.py, which fails when a case listed here passes or one not listed
 # fails.
 _CONV_INTEGER = "TVM 0.27's ONNX importer has no ConvInteger (quantized conv)"
-_DYNAMIC_SPLIT = (
-    "the split sizes are a graph input fed at run time; TVM 0.27's importer needs them "
-    'constant ("Dynamic Split not yet supported")'
+_ZERO_SIZE_SPLIT = (
+    'a zero-size split part: TVM 0.27\'s split cannot make one ("split_indices must be sorted")'
 )
 _SEQUENCE = "the output is a tensor sequence; TVM's Split-to-sequence needs constant split sizes"
 KNOWN_FAILURES: dict[str, str] = {
     "test_convinteger_with_padding": _CONV_INTEGER,
     "test_convinteger_without_padding": _CONV_INTEGER,
-    "test_split_variable_parts_1d_opset13": _DYNAMIC_SPLIT,
-    "test_split_variable_parts_1d_opset18": _DYNAMIC_SPLIT,
-    "test_split_variable_parts_2d_opset13": _DYNAMIC_SPLIT,
-    "test_split_variable_parts_2d_opset18": _DYNAMIC_SPLIT,
-    "test_split_variable_parts_default_axis_opset13": _DYNAMIC_SPLIT,
-    "test_split_variable_parts_default_axis_opset18": _DYNAMIC_SPLIT,
-    "test_split_zero_size_splits_opset13": _DYNAMIC_SPLIT,
-    "test_split_zero_size_splits_opset18": _DYNAMIC_SPLIT,
+    "test_split_zero_size_splits_opset13": _ZERO_SIZE_SPLIT,
+    "test_split_zero_size_splits_opset18": _ZERO_SIZE_SPLIT,
     "test_split_to_sequence_1": _SEQUENCE,
     "test_split_to_sequence_2": _SEQUENCE,
     "test_split_to_sequence_nokeepdims": (
@@ -67,16 +60,62 @@ KNOWN_FAILURES: dict[str, str] = {
 }
 
 
-class GconvBackendRep(BackendRep):
-    """A model compiled for this CPU; ``run`` takes inputs in graph-input order (or by name)."""
+# Operand positions that decide shapes: a static compiler needs them constant.
+_SHAPE_OPERANDS: dict[str, tuple[int, ...]] = {
+    "Split": (1,), "Slice": (1, 2, 3, 4), "Reshape": (1,), "Expand": (1,), "Tile": (1,),
+    "ConstantOfShape": (0,), "Range": (0, 1, 2),
+}  # fmt: skip
 
-    def __init__(self, compiled: CompiledModel, model: onnx.ModelProto) -> None:
+
+def shape_inputs(model: onnx.ModelProto) -> list[str]:
+    """Graph inputs that only decide shapes (split sizes, slice bounds, ...), in input order."""
+    names = {v.name for v in model.graph.input} - {t.name for t in model.graph.initializer}
+    used = set()
+    for node in model.graph.node:
+        for index in _SHAPE_OPERANDS.get(node.op_type, ()):
+            if index < len(node.input) and node.input[index] in names:
+                used.add(node.input[index])
+    return [v.name for v in model.graph.input if v.name in used]
+
+
+def _specialised(model: onnx.ModelProto, values: Mapping[str, np.ndarray]) -> onnx.ModelProto:
+    """``model`` with the given shape inputs turned into constants."""
+    special = onnx.ModelProto()
+    special.CopyFrom(model)
+    kept = [v for v in special.graph.input if v.name not in values]
+    del special.graph.input[:]
+    special.graph.input.extend(kept)
+    for name, value in values.items():
+        special.graph.initializer.append(onnx.numpy_helper.from_array(np.asarray(value), name))
+    return special
+
+
+class GconvBackendRep(BackendRep):
+    """A model compiled for this CPU; ``run`` takes inputs in graph-input order (or by name).
+
+    A model whose shapes depend on input values (split sizes fed at run time) is compiled at
+    the first ``run`` with those values as constants, once per distinct set of values, as a
+    static compiler must.
+    """
+
+    def __init__(self, model: onnx.ModelProto, compiled: CompiledModel | None = None) -> None:
+        self.model = model
         self.compiled = compiled
-        self._runner = compiled.runner()
+        self._specialise = shape_inputs(model) if compiled is None else []
+        self._builds: dict[tuple, CompiledModel] = {}
         initializers = {t.name for t in model.graph.initializer}
         self._all_inputs = [v.name for v in model.graph.input]
         self._data_inputs = [n for n in self._all_inputs if n not in initializers]
-        self._output_names = [spec.name for spec in compiled.info.outputs]
+        self._output_names = [o.name for o in model.graph.output]
+
+    def _build_for(self, feeds: Mapping[str, np.ndarray]) -> CompiledModel:
+        if self.compiled is not None:
+            return self.compiled
+        values = {name: feeds[name] for name in self._specialise}
+        key = tuple((name, v.dtype.str, v.shape, v.tobytes()) for name, v in values.items())
+        if key not in self._builds:
+            self._builds[key] = compile(_specialised(self.model, values), "llvm", check=False)
+        return self._builds[key]
 
     def run(self, inputs: Any, **kwargs: Any) -> tuple[np.ndarray, ...]:
         if isinstance(inputs, Mapping):
@@ -92,7 +131,10 @@ class GconvBackendRep(BackendRep):
                 for name, value in zip(names, inputs)
                 if name in self._data_inputs
             }
-        outputs = self._runner.run(feeds)
+        compiled = self._build_for(feeds)
+        outputs = compiled.runner().run(
+            {k: v for k, v in feeds.items() if k not in self._specialise}
+        )
         return namedtupledict("Outputs", self._output_names)(
             *[outputs[name] for name in self._output_names]
         )
@@ -110,9 +152,10 @@ class GconvBackend(Backend):
         super().prepare(model, device, **kwargs)  # onnx.checker
         if not cls.supports_device(device):
             raise RuntimeError(f"gconv-compile's backend runs on CPU, not {device}")
+        if shape_inputs(model):
+            return GconvBackendRep(model)  # compiled at run time, per set of shape values
         # No onnxruntime check of the fold here: the conformance test compares the outputs.
-        compiled = compile(model, "llvm", check=False)
-        return GconvBackendRep(compiled, model)
+        return GconvBackendRep(model, compile(model, "llvm", check=False))
 
     @classmethod
     def run_model(
