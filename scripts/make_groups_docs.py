@@ -238,8 +238,23 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="groups-docs-") as workdir:
         text = render(Path(workdir))
     DOC.write_text(text)
-    print(f"wrote {DOC.relative_to(ROOT)} and {PICTURE.relative_to(ROOT)}")
+    README.write_text(readme_with_section(README.read_text(), text))
+    print(f"wrote {DOC.relative_to(ROOT)}, {PICTURE.relative_to(ROOT)} and README's section")
     return 0
+
+
+README = ROOT / "README.md"
+README_START = "<!-- groups:start"
+README_END = "<!-- groups:end -->"
+
+
+def readme_with_section(readme: str, doc: str) -> str:
+    """README.md with its "Understanding groups" section replaced by ``doc`` (paths from root)."""
+    body = doc.split("-->", 1)[1].strip().replace("](img/", "](docs/img/")
+    start = readme.index(README_START)
+    start = readme.index("\n", start) + 1
+    end = readme.index(README_END)
+    return readme[:start] + body + "\n" + readme[end:]
 
 
 if __name__ == "__main__":

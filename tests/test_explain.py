@@ -510,6 +510,8 @@ def test_groups_doc_is_what_the_script_prints_now(tmp_path):
     assert text == module.DOC.read_text(), stale
     picture = module.PICTURE.relative_to(repo)
     assert (tmp_path / picture).read_bytes() == module.PICTURE.read_bytes(), stale
+    readme = module.README.read_text()
+    assert module.readme_with_section(readme, text) == readme, stale
 
 
 def _save(tmp_path, name, model) -> Path:
