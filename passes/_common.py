@@ -286,7 +286,25 @@ def remove_with_dead_producers(graph: ir.Graph, nodes: Iterable[ir.Node]) -> int
         for value in node.inputs
         if value is not None and value.is_initializer() and value.graph is not None
     ]
+    outer = {
+        id(value.producer()): value.producer()
+        for node in doomed
+        for value in node.inputs
+        if value is not None
+        and value.producer() is not None
+        and value.producer().graph not in (None, graph)
+    }
     graph.remove(doomed, safe=True)
+    # Producers in an outer graph (the block sat in an If/Loop body) that fed only the block.
+    for producer in outer.values():
+        owner = producer.graph
+        if owner is None or any(
+            attr.type in (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS)
+            for attr in producer.attributes.values()
+        ):
+            continue
+        if all(not out.uses() and not out.is_graph_output() for out in producer.outputs):
+            remove_with_dead_producers(owner, [producer])
     for value in orphans:
         owner = value.graph
         if owner is None or owner.initializers.get(value.name) is not value:

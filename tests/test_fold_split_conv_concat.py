@@ -565,6 +565,18 @@ def test_split_with_unused_output_keeps_window(ort_equal):
     _assert_window(conv, (0, 8))
 
 
+def test_split_with_unused_part_of_another_size_keeps_window(ort_equal):
+    """Split [1, 4, 4], the two 4-channel parts convolved: only the used parts must be equal."""
+    b = GraphBuilder()
+    _, x1, x2 = b.split("X", [1, 4, 4], form="split13")
+    c1 = b.conv(x1, 4, 4, (3, 3), pads=[1] * 4)
+    c2 = b.conv(x2, 4, 4, (3, 3), pads=[1] * 4)
+    b.op("Concat", [c1, c2], axis=1, out="Y")
+    proto = b.model([tensor_info("X", ["N", 9, 7, 6])], [any_tensor("Y")])
+    _, _, conv = assert_folds(proto, ort_equal, group=2, weight_shape=[8, 4, 3, 3])
+    _assert_window(conv, (1, 9))
+
+
 def _explicit_step_slices() -> onnx.ModelProto:
     b = GraphBuilder()
     parts = [b.slice("X", lo, lo + 4, step=1) for lo in (0, 4)]
@@ -1397,7 +1409,7 @@ def test_refusals(build, reason, options, ort_equal):
     [
         pytest.param(
             dict(channels=9, sizes=[3, 3, 3, 0], form="split18"),
-            "uneven split sizes [3, 3, 3, 0]",
+            "zero-size split part",
             id="split18-c9-n4-last-part-empty",
         ),
         pytest.param(

@@ -351,5 +351,10 @@ def test_outer_scope_weights_used_only_by_folded_nodes_are_dropped() -> None:
     after, _ = _fold(model)
     left = {t.name for t in after.graph.initializer}
     assert not {n for n in left if n.startswith("t_t_y_")}, sorted(left)
-    # What main still uses (its own folded block, the else-branch's outer Split sizes) stays.
-    assert "m_outer_sizes" in left
+    # The main-graph Split that only the else-branch's block read goes too, with its sizes.
+    assert "m_outer_sizes" not in left
+    assert "m_outer_split" not in {n.name for n in after.graph.node}
+    # What main still uses stays: every main-graph node input still resolves.
+    produced = {o for n in after.graph.node for o in n.output}
+    available = produced | left | {i.name for i in after.graph.input}
+    assert all(not i or i in available for n in after.graph.node for i in n.input)
