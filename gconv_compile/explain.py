@@ -970,11 +970,16 @@ def explain_model(loaded) -> ModelExplanation:
     """Describe every Conv/ConvTranspose of ``loaded.model`` (a LoadedModel); the model is unchanged."""
     import onnx_ir as ir
 
+    from passes import FoldSliceBounds
     from passes._common import graph_scopes, is_onnx_op
     from passes._shapes import ShapeFacts
 
     model: ir.Model = loaded.model
-    facts = ShapeFacts(model)
+    # Shapes come from a copy whose computed Slice bounds are constants (torch.chunk's
+    # TorchScript export), so that shape inference sees through them; names are the same.
+    shaped = ir.serde.deserialize_model(ir.serde.serialize_model(model))
+    FoldSliceBounds()(shaped)
+    facts = ShapeFacts(shaped)
     rows: list[ConvRow] = []
     nodes: dict[int, ConvRow] = {}
     for scope, graph, _in_function in graph_scopes(model):

@@ -599,3 +599,12 @@ def test_a_failing_fold_pass_leaves_the_table(capsys, monkeypatch, mobile_path):
     assert code == 0
     assert any(line.startswith("dw ") and "depthwise" in line for line in out.splitlines())
     assert "split-conv-concat blocks: unknown, the fold pass failed (RuntimeError: boom)" in out
+
+
+def test_torchscript_chunk_model_has_concrete_costs(capsys):
+    """Slice bounds computed by Shape arithmetic do not hide the branch convs' sizes."""
+    path = Path(__file__).parent / "fixtures" / "torch" / "resnext_block_ts17.onnx"
+    code, out, _ = explain(capsys, path)
+    assert code == 0
+    assert "unk__" not in out
+    assert out.count("batch x 9.22k") == 8  # the eight 4->4 3x3 branch convs on 8x8
