@@ -40,6 +40,16 @@ def _write_report(report, path: str | None) -> None:
             raise UserError(f"{path}: cannot write the report: {exc.strerror or exc}")
 
 
+def _check_failed(failure: CheckFailed, report, report_path: str | None) -> int:
+    """Show what the check measured, keep the JSON report, write nothing else: exit 1."""
+    if report is not None:
+        for line in report.lines():
+            _echo(line)
+        _write_report(report, report_path)
+    print(f"gconv-compile: check failed: {failure}; nothing written", file=sys.stderr)
+    return 1
+
+
 def _check_report_path(path: str | None, inputs: Sequence[str]) -> None:
     if not path:
         return
@@ -121,11 +131,7 @@ def _rewrite_and_save(args, loaded, rewrite, report) -> int:
             seeds=tuple(range(args.seeds)), shapes=shapes,
         )  # fmt: skip
     except CheckFailed as failure:
-        for line in report.lines():
-            _echo(line)
-        _write_report(report, args.report)
-        print(f"gconv-compile: check failed: {failure}; nothing written", file=sys.stderr)
-        return 1
+        return _check_failed(failure, report, args.report)
     save_model(model, args.output, loaded=loaded)
     report.output = args.output
     for line in report.lines():
@@ -354,12 +360,7 @@ def _run_compile(args: argparse.Namespace) -> int:
             tune_progress=_ProgressBar("tuning") if args.tune_trials else None,
         )  # fmt: skip
     except CheckFailed as failure:
-        if failure.report is not None:
-            for line in failure.report.lines():
-                _echo(line)
-            _write_report(failure.report, args.report)
-        print(f"gconv-compile: check failed: {failure}; nothing written", file=sys.stderr)
-        return 1
+        return _check_failed(failure, failure.report, args.report)
     report, info = compiled.report, compiled.info
     for line in report.lines():
         _echo(line)

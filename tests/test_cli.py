@@ -1,0 +1,55 @@
+"""The CLI's contract when a rewrite does not compute what the input computes: exit 1, the
+report (with the numbers) is written, the output is not."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from builders import split_conv_concat
+
+from gconv_compile import cli, pipeline
+
+_REAL_FOLD = pipeline.fold
+
+
+def _broken_fold(model: ir.Model) -> tuple[list, list]:
+    """The real fold, then a channel-order bug: the grouped weight's halves swapped."""
+    rewrites, skips = _REAL_FOLD(model)
+    for node in model.graph:
+        if node.op_type == "Conv":
+            weight = node.inputs[1]
+            array = weight.const_value.numpy()
+            half = array.shape[0] // 2
+            weight.const_value = ir.tensor(np.concatenate([array[half:], array[:half]]))
+    return rewrites, skips
+
+
+@pytest.mark.parametrize("command", ["optimize", "compile"])
+def test_check_failure_exits_1_writes_report_not_output(command, tmp_path, monkeypatch, capsys):
+    model = tmp_path / "m.onnx"
+    onnx.save(split_conv_concat(split_form="split13"), model)
+    if command == "optimize":
+        monkeypatch.setattr(pipeline, "fold", _broken_fold)
+        out = tmp_path / "out.onnx"
+    else:
+        import importlib
+
+        compile_module = importlib.import_module("gconv_compile.compile")
+
+        monkeypatch.setattr(compile_module, "optimization_for_target", lambda *a: _broken_fold)
+        out = tmp_path / "out.so"
+    report = tmp_path / "r.json"
+    code = cli.main([command, str(model), "-o", str(out), "--report", str(report)])
+    captured = capsys.readouterr()
+    assert code == 1
+    assert "check failed" in captured.err and "nothing written" in captured.err
+    assert "FAIL" in captured.out  # the per-output numbers are shown
+    assert not out.exists()
+    data = json.loads(report.read_text())
+    assert data["check"]["passed"] is False
+    assert data["check"]["outputs"][0]["max_abs_error"] > 1e-3
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "r.json"]
