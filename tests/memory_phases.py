@@ -21,6 +21,7 @@ import threading
 import time
 
 MARKER = "MEMORY-PHASES"
+HWM_MARKER = "MEMORY-HWM"
 
 _phase = ["between phases"]
 _peaks: dict[str, dict[str, int]] = {}
@@ -35,6 +36,16 @@ def _status() -> dict[str, int]:
             if key in ("VmRSS", "RssAnon", "RssFile"):
                 values[key] = int(rest.split()[0]) * 1024
     return {"rss": values["VmRSS"], "anon": values["RssAnon"], "file": values["RssFile"]}
+
+
+def _high_water_mark() -> int:
+    """This process's peak RSS since exec (VmHWM). Unlike wait4's ru_maxrss it does not
+    include the parent's memory, which a vfork()ed child is charged before it execs."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    return 0
 
 
 def _sample() -> None:
@@ -104,6 +115,7 @@ def main(argv: list[str]) -> int:
     finally:
         _sample()
         print(f"{MARKER} {json.dumps(_peaks)}", file=sys.stderr, flush=True)
+        print(f"{HWM_MARKER} {_high_water_mark()}", file=sys.stderr, flush=True)
     return code
 
 
