@@ -216,3 +216,14 @@ def _same(a, b) -> bool:
 
 def _same_block(sch: s_tir.Schedule, a, b) -> bool:
     return sch.get(a).same_as(sch.get(b))
+
+
+def single_epilogue(sch: s_tir.Schedule, conv: ConvInfo):
+    """One block that stores the conv's result: the fused elementwise chain folded into its last
+    block (the accumulator then lives in registers), or a cache-write stage when there is none."""
+    if conv.epilogue:
+        for block in conv.epilogue[:-1]:
+            sch.compute_inline(block)
+        sch.set_scope(conv.block, 0, "local")
+        return conv.epilogue[-1]
+    return sch.cache_write(conv.block, 0, "local")

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from tvm import s_tir, tirx
 from tvm.target import Target
 
-from ._conv import ConvInfo, find_conv
+from ._conv import ConvInfo, find_conv, single_epilogue
 
 logger = logging.getLogger(__name__)
 
@@ -265,14 +265,7 @@ def _apply(sch: s_tir.Schedule, conv: ConvInfo, tile: CpuTile) -> Packing | None
     block = conv.block
     if conv.pad_block is not None and conv.pad_is_identity:
         sch.compute_inline(conv.pad_block)
-    # One epilogue block: fold the elementwise chain into its last block.
-    if conv.epilogue:
-        for b in conv.epilogue[:-1]:
-            sch.compute_inline(b)
-        epilogue = conv.epilogue[-1]
-        sch.set_scope(block, 0, "local")
-    else:
-        epilogue = sch.cache_write(block, 0, "local")
+    epilogue = single_epilogue(sch, conv)
     packing = None
     width = conv.out_w
     if conv.is_pointwise:

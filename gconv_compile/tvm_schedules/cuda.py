@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from tvm import s_tir, tirx
 from tvm.target import Target
 
-from ._conv import ConvInfo, find_conv
+from ._conv import ConvInfo, find_conv, single_epilogue
 
 logger = logging.getLogger(__name__)
 
@@ -110,13 +110,7 @@ def schedule_fallback(func: tirx.PrimFunc, target: Target) -> tuple[None, str]:
 
 def _apply(sch: s_tir.Schedule, conv: ConvInfo, tile: CudaTile) -> None:
     block = conv.block
-    if conv.epilogue:
-        for b in conv.epilogue[:-1]:
-            sch.compute_inline(b)
-        epilogue = conv.epilogue[-1]
-        sch.set_scope(block, 0, "local")
-    else:
-        epilogue = sch.cache_write(block, 0, "local")
+    epilogue = single_epilogue(sch, conv)
     reads = [str(r.source.name) for r in sch.get(block).reads]
     w_idx = reads.index(conv.weight_param)
     x_idx = next(
