@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from dataclasses import dataclass
 
 from tvm import s_tir, tirx
@@ -71,18 +70,15 @@ class CpuTile:
 
 
 def host_target(num_cores: int | None = None) -> dict:
-    """An llvm target dict for this machine: LLVM's name for the host CPU and its core count."""
-    from tvm.target import codegen
+    """The llvm target ``gconv-compile compile`` uses on this machine, with ``num_cores`` cores.
 
-    cpu = codegen.llvm_get_system_cpu()
-    triple = codegen.llvm_get_system_triple()
-    # Conda-built LLVM reports vendor 'conda'; the target checker only wants arch-os-abi.
-    parts = triple.split("-")
-    if len(parts) == 4:
-        triple = f"{parts[0]}-{parts[2]}-{parts[3]}"
-    target = {"kind": "llvm", "mtriple": triple, "num-cores": num_cores or os.cpu_count() or 1}
-    if cpu and cpu != "generic":
-        target["mcpu"] = cpu
+    One detector serves both, so benchmarks and tests measure the code users get.
+    """
+    from gconv_compile.compile import host_llvm_target
+
+    target = host_llvm_target()
+    if num_cores:
+        target["num-cores"] = num_cores
     return target
 
 
