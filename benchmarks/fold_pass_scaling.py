@@ -17,9 +17,8 @@ import time
 import numpy as np
 import onnx
 import onnx_ir as ir
+from gconv_compile.passes import FoldSplitConvConcat
 from onnx import TensorProto, helper, numpy_helper
-
-from passes import FoldSplitConvConcat
 
 BRANCHES = 4
 NODES_PER_BLOCK = BRANCHES + 2  # Split, N Conv, Concat

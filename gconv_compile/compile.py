@@ -42,9 +42,9 @@ import onnx_ir as ir
 from gconv_compile import __version__
 from gconv_compile.errors import GconvError, UserError
 from gconv_compile.model_io import LoadedModel, check_output_path, count_nodes, load_model
+from gconv_compile.passes.expand_grouped_conv import ExpandGroupedConv
+from gconv_compile.passes.fold_slice_bounds import FoldSliceBounds
 from gconv_compile.report import Report
-from passes.expand_grouped_conv import ExpandGroupedConv
-from passes.fold_slice_bounds import FoldSliceBounds
 
 logger = logging.getLogger(__name__)
 
@@ -232,7 +232,7 @@ def choose_cuda_conv_forms(model: ir.Model) -> list[dict[str, Any]]:
     element type has them; the estimate compares ``group / tensor-core rate`` with
     ``1 / CUDA-core rate`` and picks the cheaper.
     """
-    from passes._common import const_array
+    from gconv_compile.passes._common import const_array
 
     forms = []
     for graph in model.graphs():

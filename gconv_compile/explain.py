@@ -970,9 +970,9 @@ def explain_model(loaded) -> ModelExplanation:
     """Describe every Conv/ConvTranspose of ``loaded.model`` (a LoadedModel); the model is unchanged."""
     import onnx_ir as ir
 
-    from passes import FoldSliceBounds
-    from passes._common import graph_scopes, is_onnx_op
-    from passes._shapes import ShapeFacts
+    from gconv_compile.passes import FoldSliceBounds
+    from gconv_compile.passes._common import graph_scopes, is_onnx_op
+    from gconv_compile.passes._shapes import ShapeFacts
 
     model: ir.Model = loaded.model
     # Shapes come from a copy whose computed Slice bounds are constants (torch.chunk's
@@ -1002,7 +1002,7 @@ def explain_model(loaded) -> ModelExplanation:
 
 
 def _conv_row(scope: str, node, facts) -> ConvRow:
-    from passes._common import attr_int, int_list, node_label
+    from gconv_compile.passes._common import attr_int, int_list, node_label
 
     group = attr_int(node, "group", 1)
     weight = node.inputs[1] if len(node.inputs) > 1 else None
@@ -1060,7 +1060,7 @@ def _fold_preview(loaded) -> list[dict[str, Any]]:
     import onnx_ir as ir
     from onnx_ir import external_data as ir_external_data
 
-    from passes import FoldSplitConvConcat
+    from gconv_compile.passes import FoldSplitConvConcat
 
     copy = ir.serde.deserialize_model(ir.serde.serialize_model(loaded.model))
     if loaded.path is not None:
@@ -1092,8 +1092,8 @@ def _fold_preview(loaded) -> list[dict[str, Any]]:
 
 def _separable_pairs(model, rows: dict[int, ConvRow]) -> list[dict[str, Any]]:
     """Depthwise Convs whose output (through BatchNorm/activations) feeds a 1x1 dense Conv."""
-    from passes._common import graph_scopes, is_onnx_op
-    from passes.fold_split_conv_concat import ELEMENTWISE_ACTIVATIONS
+    from gconv_compile.passes._common import graph_scopes, is_onnx_op
+    from gconv_compile.passes.fold_split_conv_concat import ELEMENTWISE_ACTIVATIONS
 
     pairs = []
     for _scope, graph, _in_function in graph_scopes(model):

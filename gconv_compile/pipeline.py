@@ -20,11 +20,11 @@ from gconv_compile.model_io import (
     load_model,
     to_ort_source,
 )
+from gconv_compile.passes import ExpandGroupedConv, FoldSplitConvConcat
+from gconv_compile.passes.expand_grouped_conv import MODES
 from gconv_compile.profiles import Profile, load_profile
 from gconv_compile.report import Report
 from gconv_compile.verify import ReferenceRun
-from passes import ExpandGroupedConv, FoldSplitConvConcat
-from passes.expand_grouped_conv import MODES
 
 logger = logging.getLogger(__name__)
 

@@ -9,8 +9,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from gconv_compile.passes import Rewrite, Skip
 from gconv_compile.verify import CheckResult
-from passes import Rewrite, Skip
 
 
 @dataclasses.dataclass

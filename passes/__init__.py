@@ -5,10 +5,10 @@
 
 from __future__ import annotations
 
-from passes._common import Rewrite, Skip
-from passes.expand_grouped_conv import ExpandGroupedConv
-from passes.fold_slice_bounds import FoldSliceBounds
-from passes.fold_split_conv_concat import FoldSplitConvConcat
+from ._common import Rewrite, Skip
+from .expand_grouped_conv import ExpandGroupedConv
+from .fold_slice_bounds import FoldSliceBounds
+from .fold_split_conv_concat import FoldSplitConvConcat
 
 __all__ = [
     "FoldSliceBounds",

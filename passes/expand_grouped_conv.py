@@ -58,7 +58,7 @@ from collections.abc import Iterable
 import numpy as np
 import onnx_ir as ir
 
-from passes._common import (
+from ._common import (
     CONV_OPS,
     ConvAttrs,
     NameScope,

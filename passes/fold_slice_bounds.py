@@ -25,7 +25,7 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
-from passes._common import (
+from ._common import (
     NameScope,
     Rewrite,
     Skip,
@@ -36,7 +36,7 @@ from passes._common import (
     node_label,
     remove_with_dead_producers,
 )
-from passes._shapes import ShapeFacts
+from ._shapes import ShapeFacts
 
 logger = logging.getLogger(__name__)
 

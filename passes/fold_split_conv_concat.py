@@ -43,7 +43,7 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
-from passes._common import (
+from ._common import (
     CONV_OPS,
     ConvAttrs,
     NameScope,
@@ -63,7 +63,7 @@ from passes._common import (
     remove_with_dead_producers,
     take_over_value,
 )
-from passes._shapes import ShapeFacts
+from ._shapes import ShapeFacts
 
 logger = logging.getLogger(__name__)
 

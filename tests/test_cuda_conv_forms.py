@@ -56,11 +56,12 @@ def test_cuda_picks_a_form_per_conv(tmp_path, group, per_group, dtype, form, rea
 
 def test_dense_form_computes_the_same_in_onnxruntime(tmp_path):
     """The block-diagonal rewrite itself is checked by onnxruntime like every rewrite."""
+    from gconv_compile.passes import ExpandGroupedConv
+
     from gconv_compile.compile import choose_cuda_conv_forms
     from gconv_compile.model_io import load_model
     from gconv_compile.pipeline import run_checked
     from gconv_compile.report import Report
-    from passes import ExpandGroupedConv
 
     path = _conv(tmp_path, group=2, per_group=64, dtype="float32")
     loaded = load_model(path)

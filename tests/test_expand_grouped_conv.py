@@ -12,6 +12,9 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
+from gconv_compile.passes import PASSES, ExpandGroupedConv
+from gconv_compile.passes._common import const_array
+from gconv_compile.passes.expand_grouped_conv import block_diagonal_weight
 from grouped_models import (
     assert_same_outputs,
     conv_chain,
@@ -21,10 +24,6 @@ from grouped_models import (
     grouped_convs,
 )
 from onnx import helper
-
-from passes import PASSES, ExpandGroupedConv
-from passes._common import const_array
-from passes.expand_grouped_conv import block_diagonal_weight
 
 # ------------------------------------------------------------------------------ helpers
 

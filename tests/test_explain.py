@@ -589,7 +589,7 @@ def test_model_without_convs(capsys, tmp_path):
 
 
 def test_a_failing_fold_pass_leaves_the_table(capsys, monkeypatch, mobile_path):
-    from passes import FoldSplitConvConcat
+    from gconv_compile.passes import FoldSplitConvConcat
 
     def broken(self, model):
         raise RuntimeError("boom")

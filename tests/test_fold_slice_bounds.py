@@ -8,9 +8,8 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 from builders import make_model, tensor_info
+from gconv_compile.passes import FoldSliceBounds
 from onnx import TensorProto, helper
-
-from passes import FoldSliceBounds
 
 FIXTURES = Path(__file__).parent / "fixtures" / "torch"
 

@@ -19,12 +19,12 @@ from builders import (
     conv_block,
     tensor_info,
 )
+from gconv_compile.passes import FoldSplitConvConcat
+from gconv_compile.passes._common import const_array
 from onnx import TensorProto, helper
 
 import gconv_compile
 from gconv_compile.model_io import save_model
-from passes import FoldSplitConvConcat
-from passes._common import const_array
 
 CONV_OPS = ("Conv", "ConvTranspose")
 

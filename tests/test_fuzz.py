@@ -33,12 +33,12 @@ import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 from builders import IR_VERSION
+from gconv_compile.passes import FoldSplitConvConcat
 from hypothesis import assume, event, given, note
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
 from gconv_compile.verify import compare_arrays
-from passes import FoldSplitConvConcat
 
 ort.set_default_logger_severity(3)
 
@@ -913,8 +913,8 @@ def test_gapped_window_in_opset_9_model() -> None:
 # --------------------------------------------------------------------------------- expand
 
 try:
-    from passes.expand_grouped_conv import MODES as EXPAND_MODES
-    from passes.expand_grouped_conv import ExpandGroupedConv
+    from gconv_compile.passes.expand_grouped_conv import MODES as EXPAND_MODES
+    from gconv_compile.passes.expand_grouped_conv import ExpandGroupedConv
 except ImportError:  # the expand pass is another module's work; these tests wait for it
     ExpandGroupedConv = None
     EXPAND_MODES = ()

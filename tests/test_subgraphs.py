@@ -21,9 +21,8 @@ import onnx_ir as ir
 import onnxruntime as ort
 import pytest
 from builders import IR_VERSION, init, ints, tensor_info
+from gconv_compile.passes import FoldSplitConvConcat
 from onnx import TensorProto, helper
-
-from passes import FoldSplitConvConcat
 
 C = 8  # channels of X
 N_BRANCH = 2
