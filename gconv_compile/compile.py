@@ -23,7 +23,6 @@ import hashlib
 import json
 import logging
 import os
-import platform
 import re
 import shutil
 import sys
@@ -45,6 +44,7 @@ from gconv_compile.model_io import LoadedModel, check_output_path, count_nodes, 
 from gconv_compile.passes.expand_grouped_conv import ExpandGroupedConv
 from gconv_compile.passes.fold_slice_bounds import FoldSliceBounds
 from gconv_compile.report import Report
+from gconv_compile.targets import host_can_run, host_llvm_target
 
 logger = logging.getLogger(__name__)
 
@@ -61,66 +61,6 @@ CUDA_RUNTIME_NEEDS = (
     "(TVM_CUDA_COMPILE_MODE=nvcc; chosen automatically when cuda-bindings is missing and nvcc "
     "is on PATH). Building needs none of this."
 )
-
-# llvm -mcpu names we choose from, most capable first, with the /proc/cpuinfo flags each needs.
-_X86_MCPU_FLAGS: tuple[tuple[str, frozenset[str]], ...] = (
-    ("skylake-avx512", frozenset({"avx512f", "avx512cd", "avx512bw", "avx512dq", "avx512vl"})),
-    ("haswell", frozenset({"avx2", "fma", "bmi2", "f16c"})),
-    ("x86-64", frozenset()),
-)
-
-
-# ------------------------------------------------------------------------------- targets
-
-
-def _cpu_flags() -> frozenset[str]:
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("flags"):
-                    return frozenset(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return frozenset()
-
-
-def host_llvm_target(mcpu: str | None = None) -> dict[str, str]:
-    """The llvm target for this machine, without ``-mcpu=native`` (which TVM rejects).
-
-    The CPU is named from /proc/cpuinfo flags: skylake-avx512, haswell or x86-64.
-    """
-    machine = platform.machine().lower()
-    # MetaSchedule needs the core count in the target; the code itself runs on any count.
-    cores = os.cpu_count() or 1
-    if machine in ("x86_64", "amd64"):
-        if mcpu is None:
-            flags = _cpu_flags()
-            mcpu = next(name for name, needs in _X86_MCPU_FLAGS if needs <= flags)
-        return {"kind": "llvm", "mtriple": "x86_64-linux-gnu", "mcpu": mcpu, "num-cores": cores}
-    if machine in ("aarch64", "arm64"):
-        return {
-            "kind": "llvm", "mtriple": "aarch64-linux-gnu", "mcpu": mcpu or "generic",
-            "num-cores": cores,
-        }  # fmt: skip
-    spec = {"kind": "llvm", "num-cores": cores}
-    if mcpu:
-        spec["mcpu"] = mcpu
-    return spec
-
-
-def _host_can_run(spec: Mapping[str, Any]) -> str | None:
-    """Why this machine cannot run code built for ``spec`` (None when it can)."""
-    mcpu = spec.get("mcpu")
-    triple = spec.get("mtriple", "")
-    machine = platform.machine().lower()
-    if triple.startswith("x86_64") and machine not in ("x86_64", "amd64"):
-        return f"it was built for x86_64 and this machine is {machine}"
-    if triple.startswith("x86_64") and mcpu:
-        needs = dict(_X86_MCPU_FLAGS).get(mcpu)
-        if needs is not None and not needs <= _cpu_flags():
-            missing = ", ".join(sorted(needs - _cpu_flags()))
-            return f"it was built for -mcpu={mcpu} and this CPU lacks {missing}"
-    return None
 
 
 def cuda_available() -> bool:
@@ -810,7 +750,7 @@ def load_library(library: str | os.PathLike) -> Runner:
             raise UserError(f"{library}: a CUDA library needs a GPU and none is visible")
         _choose_cuda_compiler()
     else:
-        reason = _host_can_run(info.target)
+        reason = host_can_run(info.target)
         if reason:
             raise UserError(f"{library}: cannot run here: {reason}")
     try:

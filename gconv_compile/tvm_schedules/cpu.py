@@ -31,6 +31,8 @@ from dataclasses import dataclass
 from tvm import s_tir, tirx
 from tvm.target import Target
 
+from gconv_compile.targets import host_llvm_target
+
 from ._conv import ConvInfo, find_conv, single_epilogue
 
 logger = logging.getLogger(__name__)
@@ -74,7 +76,6 @@ def host_target(num_cores: int | None = None) -> dict:
 
     One detector serves both, so benchmarks and tests measure the code users get.
     """
-    from gconv_compile.compile import host_llvm_target
 
     target = host_llvm_target()
     if num_cores:
