@@ -27,3 +27,13 @@ class CheckFailed(GconvError):
     def __init__(self, message: str, report: object | None = None) -> None:
         super().__init__(message)
         self.report = report
+
+
+def one_line(exc: BaseException, limit: int = 300) -> str:
+    """The exception's message as one line of at most ``limit`` characters.
+
+    Whitespace runs (checkers and TVM spread one sentence over several lines) become one space;
+    an empty message becomes the exception's type name.
+    """
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."
