@@ -16,12 +16,10 @@ Every group is a ``<g class="group">`` carrying ``data-group``, ``data-in-start`
 
 from __future__ import annotations
 
-import os
-import tempfile
-from pathlib import Path
+import dataclasses
 from xml.sax.saxutils import escape, quoteattr
 
-from gconv_compile.explain import ConvSpec, GroupRange
+from gconv_compile.explain_spec import ConvSpec, GroupRange
 
 # Up to this many channels on the larger side the wiring picture is drawn; above, the mask.
 WIRING_MAX_CHANNELS = 64
@@ -92,21 +90,6 @@ def render_svg(spec: ConvSpec, *, title: str | None = None, mode: str | None = N
     return "\n".join(parts) + "\n"
 
 
-def write_svg(text: str, path: str | os.PathLike) -> Path:
-    """Write ``text`` to ``path`` atomically (temporary file in the same folder, then rename)."""
-    path = Path(path)
-    parent = path.parent if str(path.parent) else Path(".")
-    fd, tmp = tempfile.mkstemp(prefix=".gconv-tmp-", suffix=".svg", dir=parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 # ------------------------------------------------------------------------------------ pieces
 
 
@@ -134,81 +117,111 @@ def _group_open(r: GroupRange, colour: str, css: str = "group") -> str:
     )
 
 
+@dataclasses.dataclass(frozen=True)
+class _Columns:
+    """Where the wiring picture puts its two columns of channel boxes."""
+
+    pitch: float
+    box_h: float
+    in_top: float
+    out_top: float
+    left_x: float = 270.0
+    right_x: float = 490.0
+    box_w: float = 40.0
+
+    def in_y(self, channel: float) -> float:
+        return self.in_top + channel * self.pitch
+
+    def out_y(self, channel: float) -> float:
+        return self.out_top + channel * self.pitch
+
+
 def _wiring(spec: ConvSpec, ranges: list[GroupRange], top: float) -> tuple[list[str], float]:
     n_in, n_out = spec.in_channels, spec.out_channels
     pitch = min(32.0, max(8.0, 560.0 / max(n_in, n_out)))
-    box_h = max(pitch - 2.0, pitch * 0.8)
     column_top = top + 26
-    in_top = column_top + (max(n_in, n_out) - n_in) * pitch / 2
-    out_top = column_top + (max(n_in, n_out) - n_out) * pitch / 2
-    left_x, right_x, box_w = 270.0, 490.0, 40.0
+    cols = _Columns(
+        pitch=pitch,
+        box_h=max(pitch - 2.0, pitch * 0.8),
+        in_top=column_top + (max(n_in, n_out) - n_in) * pitch / 2,
+        out_top=column_top + (max(n_in, n_out) - n_out) * pitch / 2,
+    )
     bottom = column_top + max(n_in, n_out) * pitch
     parts = [
-        _text(left_x + box_w / 2, top + 12, f"input channels (in={n_in})", anchor="middle",
-              weight="bold"),
-        _text(right_x + box_w / 2, top + 12, f"output channels (out={n_out})", anchor="middle",
-              weight="bold"),
+        _text(cols.left_x + cols.box_w / 2, top + 12, f"input channels (in={n_in})",
+              anchor="middle", weight="bold"),
+        _text(cols.right_x + cols.box_w / 2, top + 12, f"output channels (out={n_out})",
+              anchor="middle", weight="bold"),
     ]  # fmt: skip
     edges = sum((r.in_stop - r.in_start) * (r.out_stop - r.out_start) for r in ranges)
     # Group labels at least 24 px apart, every 1, 2, 4, 8... groups.
     label_every = 1
     while label_every * pitch * spec.in_per_group < 24:
         label_every *= 2
-    number_channels = pitch >= 14
+    last = spec.groups - 1
     for r in ranges:
         colour = group_colour(r.index, spec.groups)
-        parts.append(_group_open(r, colour))
-        a_top = in_top + r.in_start * pitch
-        a_bot = in_top + r.in_stop * pitch - (pitch - box_h)
-        b_top = out_top + r.out_start * pitch
-        b_bot = out_top + r.out_stop * pitch - (pitch - box_h)
-        x0, x1 = left_x + box_w, right_x
-        parts.append(
-            f"<polygon class='band' points='{x0:.1f},{a_top:.1f} {x1:.1f},{b_top:.1f} "
-            f"{x1:.1f},{b_bot:.1f} {x0:.1f},{a_bot:.1f}' fill-opacity='0.22' stroke='none'/>"
-        )
-        if edges <= MAX_EDGE_LINES:
-            for i in range(r.in_start, r.in_stop):
-                for o in range(r.out_start, r.out_stop):
-                    y0 = in_top + i * pitch + box_h / 2
-                    y1 = out_top + o * pitch + box_h / 2
-                    parts.append(
-                        f"<line class='edge' x1='{x0:.1f}' y1='{y0:.1f}' x2='{x1:.1f}' "
-                        f"y2='{y1:.1f}' stroke-width='1.2' stroke-opacity='0.8'/>"
-                    )
-        for side, start, stop, x, y_top in (
-            ("in", r.in_start, r.in_stop, left_x, in_top),
-            ("out", r.out_start, r.out_stop, right_x, out_top),
-        ):
-            for c in range(start, stop):
-                parts.append(
-                    f"<rect class='channel' data-side='{side}' data-channel='{c}' x='{x:.1f}' "
-                    f"y='{y_top + c * pitch:.1f}' width='{box_w:.1f}' height='{box_h:.1f}' "
-                    "stroke='none'/>"
-                )
-        parts.append("</g>")
-        last = spec.groups - 1
+        parts.extend(_wiring_group(r, colour, cols, edges <= MAX_EDGE_LINES))
         if (r.index % label_every == 0 and last - r.index >= label_every) or r.index == last:
-            middle = in_top + (r.in_start + r.in_stop) * pitch / 2
+            middle = cols.in_top + (r.in_start + r.in_stop) * cols.pitch / 2
             parts.append(
-                _text(left_x - 34, middle + 4, f"group {r.index}", anchor="end",
+                _text(cols.left_x - 34, middle + 4, f"group {r.index}", anchor="end",
                       fill=_ink(colour), weight="bold")
             )  # fmt: skip
-    if number_channels:
-        for c in range(n_in):
-            parts.append(_text(left_x - 6, in_top + c * pitch + box_h / 2 + 4, str(c),
-                               size=11, anchor="end", fill="#555"))  # fmt: skip
-        for c in range(n_out):
-            parts.append(_text(right_x + box_w + 6, out_top + c * pitch + box_h / 2 + 4, str(c),
-                               size=11, fill="#555"))  # fmt: skip
-    else:
-        for c, y_top, x, anchor in ((0, in_top, left_x - 6, "end"),
-                                    (n_in - 1, in_top, left_x - 6, "end"),
-                                    (0, out_top, right_x + box_w + 6, "start"),
-                                    (n_out - 1, out_top, right_x + box_w + 6, "start")):  # fmt: skip
-            parts.append(_text(x, y_top + c * pitch + box_h / 2 + 4, str(c), size=10,
-                               anchor=anchor, fill="#555"))  # fmt: skip
+    parts.extend(_channel_numbers(cols, n_in, n_out))
     return parts, bottom
+
+
+def _wiring_group(r: GroupRange, colour: str, cols: _Columns, draw_edges: bool) -> list[str]:
+    """One group: its band, its weight lines (when few) and its channel boxes."""
+    parts = [_group_open(r, colour)]
+    gap = cols.pitch - cols.box_h
+    a_top, a_bot = cols.in_y(r.in_start), cols.in_y(r.in_stop) - gap
+    b_top, b_bot = cols.out_y(r.out_start), cols.out_y(r.out_stop) - gap
+    x0, x1 = cols.left_x + cols.box_w, cols.right_x
+    parts.append(
+        f"<polygon class='band' points='{x0:.1f},{a_top:.1f} {x1:.1f},{b_top:.1f} "
+        f"{x1:.1f},{b_bot:.1f} {x0:.1f},{a_bot:.1f}' fill-opacity='0.22' stroke='none'/>"
+    )
+    if draw_edges:
+        for i in range(r.in_start, r.in_stop):
+            for o in range(r.out_start, r.out_stop):
+                y0 = cols.in_y(i) + cols.box_h / 2
+                y1 = cols.out_y(o) + cols.box_h / 2
+                parts.append(
+                    f"<line class='edge' x1='{x0:.1f}' y1='{y0:.1f}' x2='{x1:.1f}' "
+                    f"y2='{y1:.1f}' stroke-width='1.2' stroke-opacity='0.8'/>"
+                )
+    for side, start, stop, x, y_of in (
+        ("in", r.in_start, r.in_stop, cols.left_x, cols.in_y),
+        ("out", r.out_start, r.out_stop, cols.right_x, cols.out_y),
+    ):
+        for c in range(start, stop):
+            parts.append(
+                f"<rect class='channel' data-side='{side}' data-channel='{c}' x='{x:.1f}' "
+                f"y='{y_of(c):.1f}' width='{cols.box_w:.1f}' height='{cols.box_h:.1f}' "
+                "stroke='none'/>"
+            )
+    parts.append("</g>")
+    return parts
+
+
+def _channel_numbers(cols: _Columns, n_in: int, n_out: int) -> list[str]:
+    """Every channel's number when the boxes are tall enough, else the first and last."""
+    left, right = cols.left_x - 6, cols.right_x + cols.box_w + 6
+    if cols.pitch >= 14:
+        return [
+            *(_text(left, cols.in_y(c) + cols.box_h / 2 + 4, str(c), size=11, anchor="end",
+                    fill="#555") for c in range(n_in)),
+            *(_text(right, cols.out_y(c) + cols.box_h / 2 + 4, str(c), size=11, fill="#555")
+              for c in range(n_out)),
+        ]  # fmt: skip
+    return [
+        _text(x, y_of(c) + cols.box_h / 2 + 4, str(c), size=10, anchor=anchor, fill="#555")
+        for c, y_of, x, anchor in ((0, cols.in_y, left, "end"), (n_in - 1, cols.in_y, left, "end"),
+                                   (0, cols.out_y, right, "start"),
+                                   (n_out - 1, cols.out_y, right, "start"))
+    ]  # fmt: skip
 
 
 def _ink(colour: str) -> str:
