@@ -3,6 +3,7 @@
 Usage::
 
     .venv/bin/python scripts/make_groups_docs.py            # rewrite the doc and docs/img/*.svg
+    .venv/bin/python scripts/make_groups_docs.py --check    # exit 1 if any of them is stale
     .venv/bin/python scripts/make_groups_docs.py --model mobile_block.onnx   # only the model
 
 Every block of output in the doc is what the command printed when this script ran it, so the
@@ -28,6 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from gconv_compile import cli  # noqa: E402
+from gconv_compile.files import write_text_atomic  # noqa: E402
 
 DOC = ROOT / "docs" / "understanding_groups.md"
 PICTURE = ROOT / "docs" / "img" / "groups_in16_out16_g2.svg"
@@ -226,26 +228,57 @@ draws it.
 """
 
 
+README = ROOT / "README.md"
+README_START = "<!-- groups:start"
+README_END = "<!-- groups:end -->"
+
+
+def stale_files(workdir: Path) -> list[str]:
+    """The generated files (doc, picture, README's section) that differ from what the script
+    would write now; ``workdir`` is an empty scratch folder."""
+    (workdir / "run").mkdir()
+    text = render(workdir / "run", root=workdir)
+    picture = PICTURE.relative_to(ROOT)
+    readme = README.read_text()
+    checks = {
+        DOC.relative_to(ROOT).as_posix(): lambda: DOC.read_text() == text,
+        picture.as_posix(): lambda: PICTURE.read_bytes() == (workdir / picture).read_bytes(),
+        "README.md": lambda: readme_with_section(readme, text) == readme,
+    }
+    return [name for name, same in checks.items() if not _exists_and(same)]
+
+
+def _exists_and(same) -> bool:
+    try:
+        return same()
+    except FileNotFoundError:
+        return False
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", metavar="OUT.onnx", help="only write the example model")
+    parser.add_argument("--check", action="store_true", help="write nothing; exit 1 if stale")
     args = parser.parse_args(argv)
     if args.model:
         onnx.save(build_mobile_block(), args.model)
         print(f"wrote {args.model}")
         return 0
+    if args.check:
+        with tempfile.TemporaryDirectory(prefix="groups-docs-") as workdir:
+            stale = stale_files(Path(workdir))
+        if stale:
+            print(f"stale: {', '.join(stale)}; run {Path(__file__).name}", file=sys.stderr)
+            return 1
+        print("docs/understanding_groups.md, its picture and README's section are up to date")
+        return 0
     PICTURE.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="groups-docs-") as workdir:
         text = render(Path(workdir))
-    DOC.write_text(text)
-    README.write_text(readme_with_section(README.read_text(), text))
+    write_text_atomic(DOC, text)
+    write_text_atomic(README, readme_with_section(README.read_text(), text))
     print(f"wrote {DOC.relative_to(ROOT)}, {PICTURE.relative_to(ROOT)} and README's section")
     return 0
-
-
-README = ROOT / "README.md"
-README_START = "<!-- groups:start"
-README_END = "<!-- groups:end -->"
 
 
 def readme_with_section(readme: str, doc: str) -> str:

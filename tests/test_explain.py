@@ -7,8 +7,14 @@ group, exactly the dense Conv of the printed input range with the printed weight
 
 from __future__ import annotations
 
+import ast
 import hashlib
+import importlib.util
 import json
+import os
+import stat
+import subprocess
+import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -17,6 +23,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 from builders import init, ints, make_model, split_conv_concat, tensor_info
+from gconv_compile.passes import FoldSplitConvConcat
 from onnx import helper
 
 from gconv_compile import cli
@@ -243,9 +250,6 @@ def test_invalid_setting_exits_2_with_advice(capsys, tmp_path, text, expected):
 
 
 def test_invalid_setting_through_a_real_process(tmp_path):
-    import subprocess
-    import sys
-
     repo = Path(__file__).resolve().parents[1]
     result = subprocess.run(
         [sys.executable, "-m", "gconv_compile", "explain", "--conv", "in=3,out=8,groups=3"],
@@ -497,8 +501,6 @@ def test_svg_has_one_block_per_group_with_its_channel_ranges(
 
 def test_groups_doc_is_what_the_script_prints_now(tmp_path):
     """docs/understanding_groups.md and its picture are regenerated output, not hand edits."""
-    import importlib.util
-
     repo = Path(__file__).resolve().parents[1]
     script = repo / "scripts" / "make_groups_docs.py"
     spec = importlib.util.spec_from_file_location("make_groups_docs", script)
@@ -588,17 +590,20 @@ def test_model_without_convs(capsys, tmp_path):
     assert "split-conv-concat blocks: none" in out
 
 
-def test_a_failing_fold_pass_leaves_the_table(capsys, monkeypatch, mobile_path):
-    from gconv_compile.passes import FoldSplitConvConcat
-
+@pytest.mark.parametrize(
+    "message, shown",
+    [("boom", "RuntimeError: boom"), ("boom\n  in   block 3\n", "RuntimeError: boom in block 3")],
+    ids=["one-line", "several-lines"],
+)
+def test_a_failing_fold_pass_leaves_the_table(capsys, monkeypatch, mobile_path, message, shown):
     def broken(self, model):
-        raise RuntimeError("boom")
+        raise RuntimeError(message)
 
     monkeypatch.setattr(FoldSplitConvConcat, "call", broken)
     code, out, _ = explain(capsys, mobile_path)
     assert code == 0
     assert any(line.startswith("dw ") and "depthwise" in line for line in out.splitlines())
-    assert "split-conv-concat blocks: unknown, the fold pass failed (RuntimeError: boom)" in out
+    assert f"split-conv-concat blocks: unknown, the fold pass failed ({shown}); please" in out
 
 
 def test_torchscript_chunk_model_has_concrete_costs(capsys):
@@ -608,3 +613,37 @@ def test_torchscript_chunk_model_has_concrete_costs(capsys):
     assert code == 0
     assert "unk__" not in out
     assert out.count("batch x 9.22k") == 8  # the eight 4->4 3x3 branch convs on 8x8
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o077, 0o002], ids=oct)
+def test_svg_file_gets_the_mode_the_umask_gives(capsys, tmp_path, mask):
+    svg = tmp_path / "groups.svg"
+    old = os.umask(mask)
+    try:
+        code, _, err = explain(capsys, "--conv", "in=4,out=4,groups=2", "--svg", svg)
+    finally:
+        os.umask(old)
+    assert (code, err) == (0, "")
+    assert stat.S_IMODE(svg.stat().st_mode) == 0o666 & ~mask
+
+
+EXPLAIN_MODULES = sorted(
+    (Path(__file__).resolve().parents[1] / "gconv_compile").glob("explain*.py")
+)
+
+
+@pytest.mark.parametrize("path", EXPLAIN_MODULES, ids=lambda p: p.stem)
+def test_explain_modules_import_at_the_top_and_one_way(path):
+    """No import hidden in a function; the worker modules never import the command module."""
+    tree = ast.parse(path.read_text())
+    functions = [n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef)]
+    hidden = [
+        f"{f.name}:{n.lineno}"
+        for f in functions
+        for n in ast.walk(f)
+        if isinstance(n, ast.Import | ast.ImportFrom)
+    ]
+    assert hidden == []
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
+    if path.stem != "explain":
+        assert "gconv_compile.explain" not in imported
