@@ -36,8 +36,28 @@ class Skip:
         return dataclasses.asdict(self)
 
 
+NODE = "{node}"
+"""Placeholder in a refusal's reason for the label of the node it is about."""
+
+
 class Refusal(Exception):
-    """Raised inside matching to abandon a block; the message is the user-facing reason."""
+    """Raised inside matching to abandon a block; ``str()`` is the user-facing reason.
+
+    Like onnxscript's ``MatchFailureError``, a refusal carries the node it is about. The reason
+    names it with the placeholder ``{node}`` (:data:`NODE`), which is replaced by the node's
+    label here, once, rather than at every raise site::
+
+        raise Refusal(f"weight of {NODE} is not a constant", conv)
+
+    Args:
+        reason: What is wrong, for the user; ``{node}`` stands for ``node``'s label.
+        node: The node the refusal is about, if any.
+    """
+
+    def __init__(self, reason: str, node: ir.Node | None = None) -> None:
+        self.node = node
+        self.reason = reason
+        super().__init__(reason if node is None else reason.replace(NODE, node_label(node)))
 
 
 CONV_OPS = ("Conv", "ConvTranspose")
@@ -113,8 +133,8 @@ def conv_attrs(node: ir.Node, weight_shape: tuple[int, ...]) -> ConvAttrs:
     kernel = tuple(int_list(node, "kernel_shape") or weight_shape[2:])
     if kernel != tuple(weight_shape[2:]):
         raise Refusal(
-            f"{node_label(node)}: kernel_shape {list(kernel)} does not match its weight "
-            f"{list(weight_shape)}"
+            f"{NODE}: kernel_shape {list(kernel)} does not match its weight {list(weight_shape)}",
+            node,
         )
     auto_pad = attr_str(node, "auto_pad", "NOTSET")
     pads = tuple(int_list(node, "pads", [0] * (2 * rank)))
@@ -137,11 +157,6 @@ def conv_attrs(node: ir.Node, weight_shape: tuple[int, ...]) -> ConvAttrs:
         if node.op_type == "ConvTranspose"
         else (),
     )
-
-
-def conv_weight_layout(op_type: str) -> tuple[int, int]:
-    """(axis of output channels, axis of input channels) of a weight tensor."""
-    return (0, 1) if op_type == "Conv" else (1, 0)
 
 
 class NameScope:

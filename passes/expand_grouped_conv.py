@@ -42,40 +42,40 @@ Expands when:
     * the weight's channel counts divide into the groups and agree with the input's static
       channel dim, when it has one;
     * the options allow it: the node is not named in ``skip``, ``min_group <= group <=
-      max_group``, and it is not a depthwise conv (``group == C_in``) while ``keep_depthwise``.
+      max_group``, it is not a depthwise conv (``group == C_in``) while ``keep_depthwise``,
+      and ``select`` (a target's cost model, say) returns None for it.
 
 Refuses, leaving the node as it is and recording why: a weight or bias that is computed or
 can be fed at run time, channel counts that do not divide by the group, an input whose
-channels disagree with the weight, and every case the options exclude.
+channels disagree with the weight, and every case the options exclude (for ``select``, with
+the reason it returned).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 import onnx_ir as ir
 
 from ._common import (
     CONV_OPS,
+    NODE,
     ConvAttrs,
-    NameScope,
     Refusal,
-    Rewrite,
-    Skip,
     add_constant,
     attr_int,
     const_array,
     conv_attrs,
-    function_graphs,
-    graph_scopes,
     is_onnx_op,
     node_label,
     remove_with_dead_producers,
     take_over_value,
 )
+from ._driver import AnchoredPass, Match, Scope
+from ._geometry import CONV, ConvGeometry
 
 logger = logging.getLogger(__name__)
 
@@ -86,28 +86,29 @@ LARGE_DENSE_MULTIPLIER = 4.0
 # Split changed from a `split` attribute to a `split` input in opset 13.
 SPLIT_INPUT_OPSET = 13
 
+Select = Callable[[ir.Node, ConvGeometry], "str | None"]
+"""Decides per node: None expands it, a string leaves it alone with that string as the reason."""
+
 
 @dataclasses.dataclass
-class _Match:
-    conv: ir.Node
+class _Match(Match):
     attrs: ConvAttrs
+    geometry: ConvGeometry
     weight: np.ndarray
     bias: np.ndarray | None
-    channels_in: int
-    channels_out: int
     mode: str
     note: str | None = None
 
     @property
-    def group(self) -> int:
-        return self.attrs.group
+    def conv(self) -> ir.Node:
+        return self.anchor
 
     @property
-    def depthwise(self) -> bool:
-        return self.group == self.channels_in
+    def group(self) -> int:
+        return self.geometry.group
 
 
-class ExpandGroupedConv(ir.passes.InPlacePass):
+class ExpandGroupedConv(AnchoredPass):
     """Expand Conv/ConvTranspose nodes with ``group > 1`` into split-conv-concat or one dense Conv.
 
     After a call, ``rewrites`` lists the expanded nodes, ``skips`` the grouped convolutions
@@ -123,9 +124,14 @@ class ExpandGroupedConv(ir.passes.InPlacePass):
         max_dense_multiplier: In dense mode, expand by split instead when the dense Conv
             would do more than this many times the work of the grouped one.
         warn_multiplier: In dense mode, record a warning from this work multiplier on.
+        select: Called with each grouped convolution that passes every other check and its
+            geometry; None expands it, a string leaves it alone and is the reason reported
+            (how a target passes its own cost decision in).
         subgraphs: Also expand inside If/Loop/Scan bodies.
         functions: Also expand inside model-local functions.
     """
+
+    pass_name = PASS_NAME
 
     def __init__(
         self,
@@ -138,10 +144,11 @@ class ExpandGroupedConv(ir.passes.InPlacePass):
         op_types: Iterable[str] = CONV_OPS,
         max_dense_multiplier: float | None = None,
         warn_multiplier: float = LARGE_DENSE_MULTIPLIER,
+        select: Select | None = None,
         subgraphs: bool = True,
         functions: bool = True,
     ):
-        super().__init__()
+        super().__init__(subgraphs=subgraphs, functions=functions)
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         op_types = tuple(op_types)
@@ -158,36 +165,14 @@ class ExpandGroupedConv(ir.passes.InPlacePass):
         self.op_types = op_types
         self.max_dense_multiplier = max_dense_multiplier
         self.warn_multiplier = warn_multiplier
-        self.subgraphs = subgraphs
-        self.functions = functions
-        self.rewrites: list[Rewrite] = []
-        self.skips: list[Skip] = []
+        self.select = select
         self.warnings: list[str] = []
 
-    def call(self, model: ir.Model) -> ir.passes.PassResult:
-        self.rewrites = []
-        self.skips = []
+    def _begin(self, model: ir.Model) -> None:
         self.warnings = []
-        names = NameScope(model)
-        in_functions = function_graphs(model)
-        for scope, graph, in_function in graph_scopes(model):
-            if in_function and not self.functions:
-                continue
-            if graph is not model.graph and not in_function and not self.subgraphs:
-                continue
-            opset = _onnx_opset(graph, model)
-            for node in [n for n in graph if is_onnx_op(n, *self.op_types)]:
-                try:
-                    match = self._match(node)
-                except Refusal as refusal:
-                    self.skips.append(Skip(PASS_NAME, scope, node_label(node), str(refusal)))
-                    logger.debug("skip %s: %s", node_label(node), refusal)
-                    continue
-                if match is None:
-                    continue
-                record = self._rewrite(match, graph, names, id(graph) in in_functions, opset)
-                self.rewrites.append(Rewrite(PASS_NAME, scope, node_label(node), **record))
-        return ir.passes.PassResult(model, modified=bool(self.rewrites))
+
+    def _is_anchor(self, node: ir.Node) -> bool:
+        return is_onnx_op(node, *self.op_types)
 
     # ----------------------------------------------------------------------------- matching
 
@@ -197,41 +182,24 @@ class ExpandGroupedConv(ir.passes.InPlacePass):
         if group <= 1:
             return None
         if conv.name and conv.name in self.skip:
-            raise Refusal("named in the skip list")
+            raise Refusal("named in the skip list", conv)
         if len(conv.inputs) < 2 or conv.inputs[1] is None or conv.inputs[0] is None:
-            raise Refusal(f"{node_label(conv)} has no data or weight input")
+            raise Refusal(f"{NODE} has no data or weight input", conv)
         weight = const_array(conv.inputs[1])
         if weight is None:
-            raise Refusal(f"weight of {node_label(conv)} is not a constant")
+            raise Refusal(f"weight of {NODE} is not a constant", conv)
         if weight.ndim < 3:
-            raise Refusal(f"{node_label(conv)} has a weight of rank {weight.ndim}")
+            raise Refusal(f"{NODE} has a weight of rank {weight.ndim}", conv)
         bias = None
         if len(conv.inputs) > 2 and conv.inputs[2] is not None:
             bias = const_array(conv.inputs[2])
             if bias is None:
-                raise Refusal(f"bias of {node_label(conv)} is not a constant")
+                raise Refusal(f"bias of {NODE} is not a constant", conv)
         attrs = conv_attrs(conv, weight.shape)
-        if conv.op_type == "Conv":
-            channels_in, channels_out = weight.shape[1] * group, weight.shape[0]
-            divided, what = weight.shape[0], "output"
-        else:
-            channels_in, channels_out = weight.shape[0], weight.shape[1] * group
-            divided, what = weight.shape[0], "input"
-        if divided % group:
-            raise Refusal(f"{divided} {what} channels do not divide into {group} groups")
-        if bias is not None and bias.shape != (channels_out,):
-            raise Refusal(f"bias shape {list(bias.shape)} does not match {channels_out} outputs")
-        shape = conv.inputs[0].shape
-        known = shape is not None and len(shape) > 1 and isinstance(shape[1], int)
-        if known and shape[1] != channels_in:
-            raise Refusal(f"input has {shape[1]} channels but the weight expects {channels_in}")
-        match = _Match(conv, attrs, weight, bias, channels_in, channels_out, self.mode)
-        if self.keep_depthwise and match.depthwise:
-            raise Refusal(f"depthwise (group {group} == {channels_in} input channels): kept")
-        if self.min_group is not None and group < self.min_group:
-            raise Refusal(f"group {group} is below the minimum {self.min_group}: kept")
-        if self.max_group is not None and group > self.max_group:
-            raise Refusal(f"group {group} is above the maximum {self.max_group}: kept")
+        geometry = ConvGeometry.from_weight(conv.op_type, weight.shape, group)
+        _check_channels(conv, geometry, bias)
+        match = _Match(conv, attrs, geometry, weight, bias, self.mode)
+        self._check_options(match)
         limit = self.max_dense_multiplier
         if match.mode == "dense" and limit is not None and group > limit:
             match.mode = "split"
@@ -241,21 +209,35 @@ class ExpandGroupedConv(ir.passes.InPlacePass):
             )
         return match
 
+    def _check_options(self, match: _Match) -> None:
+        """Raise if the options leave this convolution alone."""
+        conv, geometry, group = match.conv, match.geometry, match.group
+        if self.keep_depthwise and geometry.is_depthwise:
+            raise Refusal(
+                f"depthwise (group {group} == {geometry.in_channels} input channels): kept", conv
+            )
+        if self.min_group is not None and group < self.min_group:
+            raise Refusal(f"group {group} is below the minimum {self.min_group}: kept", conv)
+        if self.max_group is not None and group > self.max_group:
+            raise Refusal(f"group {group} is above the maximum {self.max_group}: kept", conv)
+        if self.select is not None:
+            reason = self.select(conv, geometry)
+            if reason is not None:
+                raise Refusal(reason, conv)
+
     # ----------------------------------------------------------------------------- rewriting
 
-    def _rewrite(
-        self, match: _Match, graph: ir.Graph, names: NameScope, in_function: bool, opset: int
-    ) -> dict:
+    def _rewrite(self, match: _Match, scope: Scope) -> list[dict]:
         conv = match.conv
-        base = names.fresh(f"{conv.name or conv.op_type.lower()}_expanded")
+        base = scope.names.fresh(f"{conv.name or conv.op_type.lower()}_expanded")
         if match.mode == "split":
-            new_nodes, result, details = self._split(match, graph, names, in_function, opset, base)
+            new_nodes, result, details = _split(match, scope, base)
             summary = (
                 f"{conv.op_type}(group={match.group}) -> Split -> {match.group} x "
                 f"{conv.op_type}, weight {list(details['branch_weight_shape'])} each -> Concat"
             )
         else:
-            new_nodes, result, details = self._dense(match, graph, names, in_function, base)
+            new_nodes, result, details = _dense(match, scope, base)
             summary = (
                 f"{conv.op_type}(group={match.group}) -> one dense {conv.op_type}, weight "
                 f"{details['weight_shape']} ({match.group}x the multiply-adds)"
@@ -270,133 +252,156 @@ class ExpandGroupedConv(ir.passes.InPlacePass):
                 logger.info("%s", warning)
         if match.note:
             summary += f"; {match.note}"
-        graph.insert_before(conv, new_nodes)
+        scope.graph.insert_before(conv, new_nodes)
 
         # The result takes over the Conv output's name, so value_info and graph outputs hold.
-        take_over_value(conv.outputs[0], result, names, "expanded")
-        remove_with_dead_producers(graph, [conv])
+        take_over_value(conv.outputs[0], result, scope.names, "expanded")
+        remove_with_dead_producers(scope.graph, [conv])
         details.update(
             {
                 "op_type": conv.op_type,
                 "group": match.group,
                 "mode": match.mode,
-                "depthwise": match.depthwise,
+                "depthwise": match.geometry.is_depthwise,
                 "flop_multiplier": match.group if match.mode == "dense" else 1,
                 "notes": [match.note] if match.note else [],
             }
         )
-        return {"summary": summary, "details": details}
-
-    def _split(
-        self,
-        match: _Match,
-        graph: ir.Graph,
-        names: NameScope,
-        in_function: bool,
-        opset: int,
-        base: str,
-    ) -> tuple[list[ir.Node], ir.Value, dict]:
-        conv = match.conv
-        group = match.group
-        source = conv.inputs[0]
-        width_in = match.channels_in // group
-        width_out = match.channels_out // group
-        sizes = [width_in] * group
-        if opset < SPLIT_INPUT_OPSET:
-            split = ir.node(
-                "Split", [source], {"axis": 1, "split": sizes}, name=names.fresh(f"{base}_split"),
-                num_outputs=group,
-            )  # fmt: skip
-        else:
-            sizes_value = add_constant(
-                graph, np.array(sizes, np.int64), names.fresh(f"{base}.split_sizes"),
-                as_node=in_function, before=conv,
-            )  # fmt: skip
-            split = ir.node(
-                "Split", [source, sizes_value], {"axis": 1}, name=names.fresh(f"{base}_split"),
-                num_outputs=group,
-            )  # fmt: skip
-        for index, part in enumerate(split.outputs):
-            part.name = names.fresh(f"{base}_in{index}")
-            part.type = source.type
-            part.shape = _with_channels(source.shape, width_in)
-
-        attributes = _branch_attributes(conv)
-        out_type, out_shape = conv.outputs[0].type, _with_channels(conv.outputs[0].shape, width_out)
-        branches, outputs = [], []
-        for index, part in enumerate(split.outputs):
-            # Conv weights hold output channels on axis 0, ConvTranspose weights input channels.
-            width = width_out if conv.op_type == "Conv" else width_in
-            weight = np.ascontiguousarray(match.weight[index * width : (index + 1) * width])
-            inputs = [
-                part,
-                add_constant(graph, weight, names.fresh(f"{base}.weight_g{index}"),
-                             as_node=in_function, before=conv),
-            ]  # fmt: skip
-            if match.bias is not None:
-                bias = np.ascontiguousarray(match.bias[index * width_out : (index + 1) * width_out])
-                inputs.append(
-                    add_constant(graph, bias, names.fresh(f"{base}.bias_g{index}"),
-                                 as_node=in_function, before=conv)
-                )  # fmt: skip
-            branch = ir.node(
-                conv.op_type, inputs, attributes=dict(attributes),
-                name=names.fresh(f"{base}_g{index}"), num_outputs=1,
-            )  # fmt: skip
-            branch.outputs[0].name = names.fresh(f"{base}_out{index}")
-            branch.outputs[0].type = out_type
-            branch.outputs[0].shape = out_shape
-            branches.append(branch)
-            outputs.append(branch.outputs[0])
-        concat = ir.node("Concat", outputs, {"axis": 1}, name=names.fresh(f"{base}_concat"))
-        details = {
-            "branches": group,
-            "branch_weight_shape": list(branches[0].inputs[1].shape),
-            "split_form": "attribute" if opset < SPLIT_INPUT_OPSET else "input",
-            "new_nodes": [split.name, *(b.name for b in branches), concat.name],
-        }
-        return [split, *branches, concat], concat.outputs[0], details
-
-    def _dense(
-        self, match: _Match, graph: ir.Graph, names: NameScope, in_function: bool, base: str
-    ) -> tuple[list[ir.Node], ir.Value, dict]:
-        conv = match.conv
-        weight = block_diagonal_weight(match.weight, match.group)
-        weight_value = add_constant(
-            graph, weight, names.fresh(f"{base}.weight"), as_node=in_function, before=conv
-        )
-        inputs = [conv.inputs[0], weight_value]
-        if match.bias is not None:
-            inputs.append(conv.inputs[2])  # the bias does not depend on the grouping
-        dense = ir.node(
-            conv.op_type, inputs, attributes=_branch_attributes(conv),
-            name=base, num_outputs=1,
-        )  # fmt: skip
-        details = {"weight_shape": list(weight.shape), "new_nodes": [dense.name]}
-        return [dense], dense.outputs[0], details
+        return [{"summary": summary, "details": details}]
 
 
 # --------------------------------------------------------------------------------- helpers
 
 
-def block_diagonal_weight(weight: np.ndarray, group: int) -> np.ndarray:
-    """The ungrouped weight equal to a grouped one: each group's block, zeros elsewhere.
+def _check_channels(conv: ir.Node, geometry: ConvGeometry, bias: np.ndarray | None) -> None:
+    """The weight's rows must divide into the groups and agree with the bias and the input."""
+    group = geometry.group
+    if geometry.transpose:
+        divided, what = geometry.in_channels, "input"
+    else:
+        divided, what = geometry.out_channels, "output"
+    if divided % group:
+        raise Refusal(f"{divided} {what} channels do not divide into {group} groups", conv)
+    if bias is not None and bias.shape != (geometry.out_channels,):
+        raise Refusal(
+            f"bias shape {list(bias.shape)} does not match {geometry.out_channels} outputs", conv
+        )
+    shape = conv.inputs[0].shape
+    known = shape is not None and len(shape) > 1 and isinstance(shape[1], int)
+    if known and shape[1] != geometry.in_channels:
+        raise Refusal(
+            f"input has {shape[1]} channels but the weight expects {geometry.in_channels}", conv
+        )
 
-    Both layouts hold the axis that is split into groups first, so one function serves both.
+
+def _split(match: _Match, scope: Scope, base: str) -> tuple[list[ir.Node], ir.Value, dict]:
+    """Split -> one Conv per group -> Concat."""
+    conv, geometry, names = match.conv, match.geometry, scope.names
+    opset = _onnx_opset(scope.graph, scope.model)
+    split = _split_node(conv.inputs[0], geometry, scope, base, opset, before=conv)
+    attributes = _branch_attributes(conv)
+    out_type = conv.outputs[0].type
+    out_shape = _with_channels(conv.outputs[0].shape, geometry.out_per_group)
+    branches, outputs = [], []
+    for index, part in enumerate(split.outputs):
+        weight = np.ascontiguousarray(match.weight[geometry.weight_rows(index)])
+        inputs = [
+            part,
+            add_constant(scope.graph, weight, names.fresh(f"{base}.weight_g{index}"),
+                         as_node=scope.in_function, before=conv),
+        ]  # fmt: skip
+        if match.bias is not None:
+            channels = geometry.output_range(index)
+            bias = np.ascontiguousarray(match.bias[channels.start : channels.stop])
+            inputs.append(
+                add_constant(scope.graph, bias, names.fresh(f"{base}.bias_g{index}"),
+                             as_node=scope.in_function, before=conv)
+            )  # fmt: skip
+        branch = ir.node(
+            conv.op_type, inputs, attributes=dict(attributes),
+            name=names.fresh(f"{base}_g{index}"), num_outputs=1,
+        )  # fmt: skip
+        branch.outputs[0].name = names.fresh(f"{base}_out{index}")
+        branch.outputs[0].type = out_type
+        branch.outputs[0].shape = out_shape
+        branches.append(branch)
+        outputs.append(branch.outputs[0])
+    concat = ir.node("Concat", outputs, {"axis": 1}, name=names.fresh(f"{base}_concat"))
+    details = {
+        "branches": geometry.group,
+        "branch_weight_shape": list(branches[0].inputs[1].shape),
+        "split_form": "attribute" if opset < SPLIT_INPUT_OPSET else "input",
+        "new_nodes": [split.name, *(b.name for b in branches), concat.name],
+    }
+    return [split, *branches, concat], concat.outputs[0], details
+
+
+def _split_node(
+    source: ir.Value, geometry: ConvGeometry, scope: Scope, base: str, opset: int, before: ir.Node
+) -> ir.Node:
+    """A channel Split of ``source`` into the groups' inputs, in the form ``opset`` expects."""
+    names = scope.names
+    sizes = [geometry.in_per_group] * geometry.group
+    if opset < SPLIT_INPUT_OPSET:
+        split = ir.node(
+            "Split", [source], {"axis": 1, "split": sizes}, name=names.fresh(f"{base}_split"),
+            num_outputs=geometry.group,
+        )  # fmt: skip
+    else:
+        sizes_value = add_constant(
+            scope.graph, np.array(sizes, np.int64), names.fresh(f"{base}.split_sizes"),
+            as_node=scope.in_function, before=before,
+        )  # fmt: skip
+        split = ir.node(
+            "Split", [source, sizes_value], {"axis": 1}, name=names.fresh(f"{base}_split"),
+            num_outputs=geometry.group,
+        )  # fmt: skip
+    for index, part in enumerate(split.outputs):
+        part.name = names.fresh(f"{base}_in{index}")
+        part.type = source.type
+        part.shape = _with_channels(source.shape, geometry.in_per_group)
+    return split
+
+
+def _dense(match: _Match, scope: Scope, base: str) -> tuple[list[ir.Node], ir.Value, dict]:
+    """One ungrouped convolution with a block-diagonal weight."""
+    conv = match.conv
+    weight = block_diagonal_weight(match.weight, match.group, conv.op_type)
+    weight_value = add_constant(
+        scope.graph, weight, scope.names.fresh(f"{base}.weight"), as_node=scope.in_function,
+        before=conv,
+    )  # fmt: skip
+    inputs = [conv.inputs[0], weight_value]
+    if match.bias is not None:
+        inputs.append(conv.inputs[2])  # the bias does not depend on the grouping
+    dense = ir.node(
+        conv.op_type, inputs, attributes=_branch_attributes(conv),
+        name=base, num_outputs=1,
+    )  # fmt: skip
+    details = {"weight_shape": list(weight.shape), "new_nodes": [dense.name]}
+    return [dense], dense.outputs[0], details
+
+
+def block_diagonal_weight(weight: np.ndarray, group: int, op_type: str = CONV) -> np.ndarray:
+    """The ungrouped weight equal to a grouped one: each group's block, zeros elsewhere.
 
     Args:
         weight: ``[C_out, C_in/G, k...]`` for Conv, ``[C_in, C_out/G, k...]`` for ConvTranspose.
         group: G.
+        op_type: ``"Conv"`` or ``"ConvTranspose"``. Both layouts hold the axis that is split
+            into groups first, so the result is the same for both.
 
     Returns:
         ``[C_out, C_in, k...]`` for Conv, ``[C_in, C_out, k...]`` for ConvTranspose.
     """
-    rows, cols = weight.shape[0], weight.shape[1]
-    rows_per_group = rows // group
-    dense = np.zeros((rows, cols * group, *weight.shape[2:]), dtype=weight.dtype)
+    geometry = ConvGeometry.from_weight(op_type, weight.shape, group)
+    ungrouped = dataclasses.replace(geometry, group=1)
+    dense = np.zeros(ungrouped.weight_shape, weight.dtype)
+    columns = geometry.output_range if geometry.transpose else geometry.input_range
     for index in range(group):
-        rows_slice = slice(index * rows_per_group, (index + 1) * rows_per_group)
-        dense[rows_slice, index * cols : (index + 1) * cols] = weight[rows_slice]
+        rows = geometry.weight_rows(index)
+        cols = columns(index)
+        dense[rows, cols.start : cols.stop] = weight[rows]
     return dense
 
 

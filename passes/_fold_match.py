@@ -1,0 +1,410 @@
+"""Matching for the fold pass: which Concat inputs form a Split/Slice -> N Conv block.
+
+``match_concat`` reads a Concat and its producers and returns a :class:`FoldMatch` (nothing is
+modified) or raises :class:`~._common.Refusal` with the reason the block cannot fold. The
+rewrite itself is in :mod:`.fold_split_conv_concat`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import onnx_ir as ir
+
+from ._common import (
+    CONV_OPS,
+    NODE,
+    ConvAttrs,
+    Refusal,
+    attr_int,
+    const_array,
+    conv_attrs,
+    int_list,
+    is_onnx_op,
+    node_label,
+)
+from ._driver import Match
+from ._geometry import ConvGeometry
+from ._shapes import ShapeFacts
+
+# Unary elementwise ops that act on each element alone, so f(concat(a, b)) == concat(f(a), f(b)).
+ELEMENTWISE_ACTIVATIONS = frozenset(
+    {
+        "Relu", "LeakyRelu", "Sigmoid", "Tanh", "Clip", "HardSwish", "HardSigmoid", "Elu",
+        "Selu", "Celu", "Softplus", "Softsign", "Mish", "Gelu", "ThresholdedRelu", "Abs",
+        "Neg", "Exp", "Erf", "Identity",
+    }
+)  # fmt: skip
+
+Chain = tuple[ir.Node, "ir.Node | None", "ir.Node | None"]
+
+
+@dataclasses.dataclass
+class Branch:
+    """One Conv [-> BatchNormalization] [-> activation] path into the Concat."""
+
+    conv: ir.Node
+    batch_norm: ir.Node | None
+    activation: ir.Node | None
+    weight: np.ndarray
+    bias: np.ndarray | None
+    attrs: ConvAttrs
+    geometry: ConvGeometry
+    source: ir.Value | None = None
+    start: int = 0
+    stop: int = 0
+    splitter: ir.Node | None = None
+
+
+@dataclasses.dataclass
+class FoldMatch(Match):
+    """A foldable block: the Concat's inputs all come from ``branches`` of one split tensor."""
+
+    branches: list[Branch]
+    source: ir.Value
+    window: tuple[int, int]
+    """Channels [lo, hi) of ``source`` the branches cover."""
+    channels: int
+    """Channels of ``source``."""
+    mixconv: bool
+    """The kernels differ and are embedded in one grid."""
+
+    @property
+    def concat(self) -> ir.Node:
+        return self.anchor
+
+
+def match_concat(concat: ir.Node, facts: ShapeFacts, *, mixconv: bool) -> FoldMatch | None:
+    """A foldable block anchored at ``concat``; None if it is not a candidate at all."""
+    inputs = list(concat.inputs)
+    if len(inputs) < 2 or any(v is None for v in inputs):
+        return None
+    chains = [branch_chain(v) for v in inputs]
+    if sum(chain is not None for chain in chains) < 2:
+        return None  # not a split-conv-concat block: say nothing
+    for index, chain in enumerate(chains):
+        if chain is None:
+            raise Refusal(f"Concat input {index} is not produced by a Conv branch", concat)
+    if len({chain[0].op_type for chain in chains}) > 1:
+        raise Refusal("branches mix Conv and ConvTranspose", concat)
+    for index, value in enumerate(inputs):
+        _check_single_use(value, concat, f"branch {index}")
+    branches = [_branch(chain) for chain in chains]
+    rank = branches[0].weight.ndim
+    if any(b.weight.ndim != rank for b in branches):
+        raise Refusal("branches have convolutions of different rank", concat)
+    axis = attr_int(concat, "axis", 1)
+    if axis < 0:
+        axis += rank
+    if axis != 1:
+        raise Refusal(f"Concat is on axis {axis}, not the channel axis 1", concat)
+    for index, branch in enumerate(branches):
+        _locate_channels(branch, index, rank, facts)
+    source = branches[0].source
+    if any(b.source is not source for b in branches):
+        raise Refusal("branches take channels of different tensors", concat)
+    window = _check_ranges(branches)
+    channels = _source_channels(branches, facts)
+    embed = _check_conv_attributes(branches, mixconv)
+    _check_same_activation(branches)
+    return FoldMatch(concat, branches, source, window, channels, embed)
+
+
+def branch_chain(value: ir.Value) -> Chain | None:
+    """(conv, batch_norm, activation) ending in ``value``, or None if no Conv roots it."""
+    node = value.producer()
+    activation = batch_norm = None
+    if (
+        node is not None
+        and node.domain in ("", "ai.onnx")
+        and node.op_type in ELEMENTWISE_ACTIVATIONS
+    ):
+        activation = node
+        node = node.inputs[0].producer() if node.inputs and node.inputs[0] is not None else None
+    if is_onnx_op(node, "BatchNormalization"):
+        batch_norm = node
+        node = node.inputs[0].producer() if node.inputs[0] is not None else None
+    if not is_onnx_op(node, *CONV_OPS):
+        return None
+    return node, batch_norm, activation
+
+
+def _branch(chain: Chain) -> Branch:
+    conv, batch_norm, activation = chain
+    if len(conv.inputs) < 2 or conv.inputs[1] is None:
+        raise Refusal(f"{NODE} has no weight input", conv)
+    weight = const_array(conv.inputs[1])
+    if weight is None:
+        raise Refusal(f"weight of {NODE} is not a constant", conv)
+    bias = None
+    if len(conv.inputs) > 2 and conv.inputs[2] is not None:
+        bias = const_array(conv.inputs[2])
+        if bias is None:
+            raise Refusal(f"bias of {NODE} is not a constant", conv)
+    if weight.ndim < 3:
+        raise Refusal(f"{NODE} has a weight of rank {weight.ndim}", conv)
+    attrs = conv_attrs(conv, weight.shape)
+    if batch_norm is not None:
+        if attr_int(batch_norm, "training_mode", 0) != 0:
+            raise Refusal(f"{NODE} is in training mode", batch_norm)
+        if any(const_array(v) is None for v in batch_norm.inputs[1:5]):
+            raise Refusal(f"{NODE}: BatchNormalization parameters are not constant", batch_norm)
+    geometry = ConvGeometry.from_weight(conv.op_type, weight.shape, attrs.group)
+    return Branch(conv, batch_norm, activation, weight, bias, attrs, geometry)
+
+
+def _check_single_use(value: ir.Value, concat: ir.Node, label: str) -> None:
+    """Every value from the Conv to the Concat must feed only the next node of the branch."""
+    current = value
+    consumer = concat
+    while True:
+        if current.is_graph_output():
+            raise Refusal(f"{label}: '{current.name}' is also a graph output", current.producer())
+        uses = list(current.uses())
+        if len(uses) != 1 or uses[0].node is not consumer:
+            others = sorted({node_label(u.node) for u in uses if u.node is not consumer})
+            detail = f"also used by {others}" if others else "used more than once by the Concat"
+            raise Refusal(f"{label}: '{current.name}' is {detail}", current.producer())
+        producer = current.producer()
+        if producer is None or is_onnx_op(producer, *CONV_OPS):
+            return
+        for extra in producer.outputs[1:]:
+            if extra.uses() or extra.is_graph_output():
+                raise Refusal(f"{label}: {NODE} has other outputs in use", producer)
+        consumer = producer
+        current = producer.inputs[0]
+
+
+def _locate_channels(branch: Branch, index: int, rank: int, facts: ShapeFacts) -> None:
+    """Set branch.source/start/stop from the Split or Slice feeding the Conv."""
+    conv_input = branch.conv.inputs[0]
+    node = conv_input.producer() if conv_input is not None else None
+    if is_onnx_op(node, "Split"):
+        _from_split(branch, node, conv_input, rank, facts)
+    elif is_onnx_op(node, "Slice"):
+        _from_slice(branch, node, rank, facts)
+    else:
+        what = node.op_type if node is not None else "a graph input"
+        raise Refusal(
+            f"branch {index}: Conv input comes from {what}, not a channel Split or Slice",
+            branch.conv,
+        )
+    width = branch.stop - branch.start
+    expected = branch.geometry.in_channels
+    if width <= 0:
+        raise Refusal(f"branch {index}: zero-size split part", branch.splitter)
+    if width != expected:
+        raise Refusal(
+            f"branch {index}: takes {width} channels but its weight expects {expected}",
+            branch.conv,
+        )
+
+
+def _normalise_axis(axis: int, rank: int) -> int:
+    return axis + rank if axis < 0 else axis
+
+
+def _split_sizes(split: ir.Node, facts: ShapeFacts) -> list[int]:
+    """The sizes of a Split's parts, from its attribute, its input or its input's shape."""
+    source = split.inputs[0]
+    n = len(split.outputs)
+    sizes = int_list(split, "split")
+    if sizes is None and len(split.inputs) > 1 and split.inputs[1] is not None:
+        array = facts.int_values(split.inputs[1])
+        if array is None:
+            raise Refusal(f"{NODE}: split sizes are not constant", split)
+        sizes = [int(v) for v in array.reshape(-1)]
+    if sizes is None:
+        channels = facts.static_dim(source, 1)
+        if channels is None:
+            raise Refusal(
+                f"channel dimension of '{source.name}' is symbolic; cannot prove the split sizes",
+                split,
+            )
+        num_outputs = split.attributes.get("num_outputs")
+        if num_outputs is not None:
+            chunk = -(-channels // num_outputs.as_int())
+            sizes = [min(chunk, max(channels - i * chunk, 0)) for i in range(n)]
+        else:
+            if channels % n:
+                raise Refusal(f"{NODE}: {channels} channels do not split evenly in {n}", split)
+            sizes = [channels // n] * n
+    if len(sizes) != n:
+        raise Refusal(f"{NODE}: {len(sizes)} split sizes for {n} outputs", split)
+    return sizes
+
+
+def _from_split(
+    branch: Branch, split: ir.Node, output: ir.Value, rank: int, facts: ShapeFacts
+) -> None:
+    axis = _normalise_axis(attr_int(split, "axis", 0), rank)
+    if axis != 1:
+        raise Refusal(f"{NODE} splits axis {axis}, not the channel axis 1", split)
+    sizes = _split_sizes(split, facts)
+    # Only the parts that feed branches must be equal (checked with the ranges): parts no
+    # branch reads just narrow the window the grouped Conv sees.
+    index = list(split.outputs).index(output)
+    branch.source = split.inputs[0]
+    branch.start = sum(sizes[:index])
+    branch.stop = branch.start + sizes[index]
+    branch.splitter = split
+
+
+def _slice_operands(node: ir.Node, facts: ShapeFacts) -> tuple[list[int], ...]:
+    """(starts, ends, axes, steps) of a Slice, from attributes (opset < 10) or inputs."""
+    if "starts" in node.attributes:  # opset < 10
+        starts = int_list(node, "starts")
+        ends = int_list(node, "ends")
+        axes = int_list(node, "axes", range(len(starts)))
+        return starts, ends, axes, [1] * len(starts)
+    operands = [facts.int_values(v) if v is not None else None for v in node.inputs[1:5]]
+    operands += [None] * (4 - len(operands))
+    if operands[0] is None or operands[1] is None:
+        if facts.static_dim(node.inputs[0], 1) is None:
+            raise Refusal(
+                f"channel dimension of '{node.inputs[0].name}' is symbolic; "
+                "cannot prove the slice ranges",
+                node,
+            )
+        raise Refusal(f"{NODE}: Slice bounds are not constant", node)
+    starts = [int(v) for v in operands[0]]
+    ends = [int(v) for v in operands[1]]
+    given_axes = len(node.inputs) > 3 and node.inputs[3] is not None
+    given_steps = len(node.inputs) > 4 and node.inputs[4] is not None
+    if (given_axes and operands[2] is None) or (given_steps and operands[3] is None):
+        raise Refusal(f"{NODE}: Slice axes or steps are not constant", node)
+    axes = [int(v) for v in operands[2]] if given_axes else list(range(len(starts)))
+    steps = [int(v) for v in operands[3]] if given_steps else [1] * len(starts)
+    return starts, ends, axes, steps
+
+
+def _from_slice(branch: Branch, node: ir.Node, rank: int, facts: ShapeFacts) -> None:
+    starts, ends, axes, steps = _slice_operands(node, facts)
+    axes = [_normalise_axis(a, rank) for a in axes]
+    if axes != [1]:
+        raise Refusal(f"{NODE} slices axes {axes}, not only the channel axis 1", node)
+    if steps != [1]:
+        raise Refusal(f"{NODE}: strided slice (step {steps[0]})", node)
+    source = node.inputs[0]
+    channels = facts.static_dim(source, 1)
+    if channels is None:
+        raise Refusal(
+            f"channel dimension of '{source.name}' is symbolic; cannot prove the slice ranges",
+            node,
+        )
+    start, end = starts[0], ends[0]
+    start = start + channels if start < 0 else start
+    end = end + channels if end < 0 else end
+    branch.source = source
+    branch.start = min(max(start, 0), channels)
+    branch.stop = min(max(end, 0), channels)
+    branch.splitter = node
+
+
+def _check_ranges(branches: list[Branch]) -> tuple[int, int]:
+    """Channel ranges must be equal, adjacent and in Concat order; return the covered window."""
+    splitter = branches[0].splitter
+    ranges = [(b.start, b.stop) for b in branches]
+    ordered = sorted(ranges)
+    for (_, hi0), (lo1, _) in zip(ordered, ordered[1:]):
+        if lo1 < hi0:
+            raise Refusal(f"overlapping slices {ordered}", splitter)
+        if lo1 > hi0:
+            raise Refusal(
+                f"channels [{hi0}:{lo1}) between slices are skipped (gap inside the split)",
+                splitter,
+            )
+    if ranges != ordered:
+        raise Refusal(f"Concat order {ranges} differs from the channel order of the split")
+    widths = {hi - lo for lo, hi in ranges}
+    if len(widths) > 1:
+        raise Refusal(f"uneven split sizes {[hi - lo for lo, hi in ranges]}", splitter)
+    return ranges[0][0], ranges[-1][1]
+
+
+def _source_channels(branches: list[Branch], facts: ShapeFacts) -> int:
+    """Channels of the split tensor: static dim if known, else the sum of explicit Split sizes."""
+    splitter = branches[0].splitter
+    same_split = all(b.splitter is splitter for b in branches) and is_onnx_op(splitter, "Split")
+    if same_split and len(branches) == len(splitter.outputs):
+        return branches[-1].stop  # the Split's sizes sum to the channel dim at run time
+    static = facts.static_dim(branches[0].source, 1)
+    if static is not None:
+        return static
+    raise Refusal(
+        f"channel dimension of '{branches[0].source.name}' is symbolic; cannot prove that the "
+        "branches cover it",
+        splitter,
+    )
+
+
+def _check_conv_attributes(branches: list[Branch], mixconv: bool) -> bool:
+    """Raise if the Convs cannot share one node; return True when MixConv embedding is needed."""
+    first = branches[0]
+    dtypes = {b.weight.dtype for b in branches}
+    if len(dtypes) > 1:
+        raise Refusal(f"branch weights have different types {sorted(map(str, dtypes))}")
+    outs = [b.geometry.out_channels for b in branches]
+    if len(set(outs)) > 1:
+        raise Refusal(f"branches have different output channel counts {outs}")
+    for field in ("group", "strides", "output_padding", "output_shape"):
+        values = [getattr(b.attrs, field) for b in branches]
+        if len(set(values)) > 1:
+            raise Refusal(f"Conv attribute '{field}' differs between branches: {values}")
+    same = {(b.attrs.kernel, b.attrs.dilations, b.attrs.pads, b.attrs.auto_pad) for b in branches}
+    if len(same) == 1:
+        return False
+    kernels = {(b.attrs.kernel, b.attrs.dilations) for b in branches}
+    if len(kernels) == 1:
+        raise Refusal(
+            "Conv padding differs between branches: "
+            f"{[(b.attrs.auto_pad, list(b.attrs.pads)) for b in branches]}"
+        )
+    if first.attrs.op_type != "Conv":
+        raise Refusal("ConvTranspose kernels differ between branches")
+    if not mixconv:
+        raise Refusal("Conv kernels differ between branches (MixConv folding is off)")
+    for branch in branches:
+        if not _is_centred_same(branch.attrs):
+            raise Refusal(
+                f"Conv kernels differ and {NODE} is not centred 'same' padding, so the "
+                "kernels cannot share one grid",
+                branch.conv,
+            )
+    return True
+
+
+def _is_centred_same(attrs: ConvAttrs) -> bool:
+    effective = attrs.effective_kernel
+    if any(e % 2 == 0 for e in effective):
+        return False
+    if attrs.auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+        return all(s == 1 for s in attrs.strides)
+    rank = attrs.spatial_rank
+    return all(
+        attrs.pads[a] == attrs.pads[a + rank] == (effective[a] - 1) // 2 for a in range(rank)
+    )
+
+
+def _check_same_activation(branches: list[Branch]) -> None:
+    signatures = []
+    for branch in branches:
+        act = branch.activation
+        if act is None:
+            signatures.append(None)
+            continue
+        attrs = tuple(sorted((k, repr(a.value)) for k, a in act.attributes.items()))
+        extras = []
+        for value in act.inputs[1:]:
+            if value is None:
+                extras.append(None)
+                continue
+            array = const_array(value)
+            if array is None:
+                raise Refusal(f"{NODE}: activation parameter '{value.name}' is not constant", act)
+            extras.append((array.dtype.str, array.tobytes()))
+        signatures.append((act.op_type, act.domain, attrs, tuple(extras)))
+    if len(set(signatures)) > 1:
+        kinds = [s[0] if s else "none" for s in signatures]
+        raise Refusal(f"branches end in different activations {kinds}")
