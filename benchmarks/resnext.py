@@ -6,7 +6,7 @@ Rows (batch 1, 224x224, float32, BN folded, seeded random weights):
 
 - ``grouped``: the native model (one ``Conv(group=32)`` per bottleneck);
 - ``branchy``: each grouped conv written as ``Split -> 32 Conv -> Concat``. onnxruntime runs it as
-  it is; TVM compiles it after ``FoldSplitConvConcat`` (gconv_compile.pipeline.fold);
+  it is; TVM compiles it after ``FoldSplitConvConcat`` (the passes ``optimize`` runs);
 - one row per distinct grouped 3x3 conv of the network (conv + bias + Relu, as fused in the model).
 
 Each TVM row also checks the output against onnxruntime (max |diff| / max |ref|). Timings are the
@@ -127,10 +127,10 @@ def _aligned_copy(x: np.ndarray, alignment: int = 64) -> np.ndarray:
 def fold(model):
     import onnx_ir as ir
 
-    from gconv_compile.pipeline import fold as fold_pass
+    from gconv_compile.targets import passes_for_target
 
     ir_model = ir.serde.deserialize_model(model)
-    rewrites, _ = fold_pass(ir_model)
+    rewrites, _ = passes_for_target("optimize")(ir_model)
     return ir.serde.serialize_model(ir_model), len(rewrites)
 
 

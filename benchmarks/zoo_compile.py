@@ -30,8 +30,9 @@ import numpy as np  # noqa: E402
 import onnx  # noqa: E402
 from grouped_models import zoo_model  # noqa: E402
 
-from gconv_compile.compile import compile, load_library  # noqa: E402
-from gconv_compile.tvm_verify import verify  # noqa: E402
+from gconv_compile.build import compile  # noqa: E402
+from gconv_compile.library import load_library  # noqa: E402
+from gconv_compile.verify import verify  # noqa: E402
 
 MODELS = ("light_shufflenet", "light_bvlc_alexnet", "light_squeezenet", "light_inception_v1")
 

@@ -1,10 +1,29 @@
-"""gconv-compile: fold, expand, compile and verify grouped convolutions in ONNX models."""
+"""gconv-compile: fold, expand, compile and verify grouped convolutions in ONNX models.
+
+The Python API is :func:`optimize`, :func:`expand` and :func:`compile`; the passes themselves are
+``gconv_compile.passes`` (source folder ``passes/``). Where each step lives:
+
+- ``model_io``: load and validate, save atomically; ``files``: the one atomic file writer.
+- ``targets``: target specs and which passes a target gets (no TVM); ``profiles``: the targets'
+  JSON profiles.
+- ``pipeline``: ``optimize``/``expand`` and :func:`~gconv_compile.pipeline.run_checked`, the
+  check every rewrite goes through; ``reference`` runs onnxruntime, ``compare`` compares.
+- ``build``: TVM Relax import, build, export; ``library``: the sidecar, loading and running a
+  library; ``tvm_schedules``: our TVM schedules and tuning.
+- ``verify``: the ``verify`` command (a TVM build against onnxruntime); ``report``: what a
+  command did; ``explain``: the ``explain`` command; ``cli``: the command line.
+
+See docs/architecture.md for the data flow.
+"""
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from gconv_compile._version import __version__
 
-__all__ = ["__version__", "expand", "optimize"]
+__all__ = ["__version__", "compile", "expand", "optimize"]
+
+# The functions import their modules when called: `import gconv_compile` (which every
+# `import gconv_compile.x` runs first) then loads no onnx, onnxruntime or TVM.
 
 
 def optimize(model, *, target=None, check=True, seeds=(0, 1, 2), shapes=None):
@@ -28,7 +47,7 @@ def expand(
 
 
 def compile(model, target="llvm", **options):  # noqa: A001 - the name users expect
-    """Optimise and build a model with TVM; see :func:`gconv_compile.compile.compile`."""
-    from gconv_compile.compile import compile as _compile
+    """Optimise and build a model with TVM; see :func:`gconv_compile.build.compile`."""
+    from gconv_compile.build import compile as _compile
 
     return _compile(model, target, **options)

@@ -28,7 +28,7 @@ import numpy as np
 import onnx
 from onnx.backend.base import Backend, BackendRep, namedtupledict
 
-from gconv_compile.compile import CompiledModel, compile
+from gconv_compile.build import CompiledModel, compile
 
 logger = logging.getLogger(__name__)
 

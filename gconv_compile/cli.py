@@ -1,4 +1,8 @@
-"""The ``gconv-compile`` command line.
+"""The ``gconv-compile`` command line: options in, the library's functions called, lines out.
+
+Each command is a pair ``_add_<command>`` (its options) and ``_run_<command>`` (the call into
+the package); the decisions live in the package (which passes: ``targets``; the check:
+``pipeline``; the build: ``build``; the comparison: ``verify``), not here.
 
 Exit codes: 0 ok; 1 a numeric check failed (nothing written); 2 bad input or usage (one line on
 stderr, nothing written); 3 an internal error (a bug: please report it).
@@ -7,14 +11,25 @@ stderr, nothing written); 3 an internal error (a bug: please report it).
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
+import re
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from gconv_compile import __version__
-from gconv_compile.errors import CheckFailed, GconvError, UserError
+from gconv_compile._version import __version__
+from gconv_compile.build import compile as build
+from gconv_compile.errors import CheckFailed, GconvError, UserError, one_line
+from gconv_compile.explain import run_explain
+from gconv_compile.files import write_json_atomic
+from gconv_compile.model_io import check_output_path, load_model, save_model
+from gconv_compile.pipeline import run_checked
+from gconv_compile.profiles import builtin_profiles, load_profile
+from gconv_compile.report import Report
+from gconv_compile.targets import passes_for_target
+from gconv_compile.verify import verify
 
 logger = logging.getLogger("gconv_compile")
 
@@ -32,8 +47,6 @@ def _echo(line: str = "") -> None:
 
 def _write_report(report, path: str | None) -> None:
     if path:
-        from gconv_compile.report import write_json_atomic
-
         try:
             write_json_atomic(report.to_dict(), path)
         except OSError as exc:
@@ -66,12 +79,27 @@ def _add_check_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--seeds", type=int, default=3, metavar="N", help="random input sets for the check (3)"
     )
+    _add_shape_option(parser)
+
+
+def _add_shape_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--shape",
         action="append",
         metavar="NAME=DIMS",
         help="size of an input with symbolic dims, e.g. x=1x3x224x224 (repeatable)",
     )
+
+
+def parse_shapes(specs: Sequence[str] | None) -> dict[str, list[int]]:
+    """The one ``--shape`` parser: ``name=1x3x224x224`` strings into a mapping."""
+    overrides: dict[str, list[int]] = {}
+    for spec in specs or ():
+        name, sep, dims = spec.rpartition("=")
+        if not sep or not name or not re.fullmatch(r"\d+(x\d+)*", dims):
+            raise UserError(f"--shape '{spec}': expected NAME=DIMxDIMx..., e.g. x=1x3x224x224")
+        overrides[name] = [int(d) for d in dims.split("x")]
+    return overrides
 
 
 # ------------------------------------------------------------------------------- optimize
@@ -97,32 +125,18 @@ def _add_optimize(sub) -> None:
 
 
 def _run_optimize(args: argparse.Namespace) -> int:
-    from gconv_compile.model_io import check_output_path, load_model
-    from gconv_compile.pipeline import fold
-    from gconv_compile.report import Report
-
     loaded = load_model(args.input)
     check_output_path(args.output, loaded)
     _check_report_path(args.report, [args.input, args.output])
     report = Report("optimize", input=args.input)
-    rewrite = fold
-    if args.target:
-        from gconv_compile.pipeline import retarget
-        from gconv_compile.profiles import load_profile
-
-        profile = load_profile(args.target)
-        report.target = profile.name
-        rewrite = retarget(profile, warnings=report.warnings)
-    return _rewrite_and_save(args, loaded, rewrite, report)
+    plan = passes_for_target("optimize", args.target, warnings=report.warnings)
+    report.target = plan.target
+    return _rewrite_and_save(args, loaded, plan, report)
 
 
 def _rewrite_and_save(args, loaded, rewrite, report) -> int:
     """Shared tail of optimize/expand: rewrite, check, print, write (only if the check held)."""
-    from gconv_compile.model_io import save_model
-    from gconv_compile.pipeline import run_checked
-    from gconv_compile.verify import parse_shape_overrides
-
-    shapes = parse_shape_overrides(args.shape)
+    shapes = parse_shapes(args.shape)
     if args.seeds < 1:
         raise UserError("--seeds must be at least 1")
     try:
@@ -166,8 +180,6 @@ def _add_explain(sub) -> None:
 
 
 def _run_explain(args: argparse.Namespace) -> int:
-    from gconv_compile.explain import run_explain
-
     text = run_explain(
         model=args.model,
         conv=args.conv,
@@ -220,19 +232,17 @@ def _add_expand(sub) -> None:
 
 
 def _run_expand(args: argparse.Namespace) -> int:
-    from gconv_compile.model_io import check_output_path, load_model
-    from gconv_compile.pipeline import expand_rewrite
-    from gconv_compile.report import Report
-
     report = Report("expand", input=args.input)
-    rewrite = expand_rewrite(
-        report, mode=args.mode, keep_depthwise=args.keep_depthwise, min_group=args.min_group,
-        max_group=args.max_group, skip=args.skip, target=args.target,
+    plan = passes_for_target(
+        "expand", args.target, mode=args.mode, keep_depthwise=args.keep_depthwise,
+        min_group=args.min_group, max_group=args.max_group, skip=args.skip,
+        warnings=report.warnings,
     )  # fmt: skip
+    report.target = plan.target
     loaded = load_model(args.input)
     check_output_path(args.output, loaded)
     _check_report_path(args.report, [args.input, args.output])
-    return _rewrite_and_save(args, loaded, rewrite, report)
+    return _rewrite_and_save(args, loaded, plan, report)
 
 
 # ------------------------------------------------------------------------------- profiles
@@ -250,10 +260,6 @@ def _add_profiles(sub) -> None:
 
 
 def _run_profiles(args: argparse.Namespace) -> int:
-    import json
-
-    from gconv_compile.profiles import builtin_profiles, load_profile
-
     profiles = [load_profile(args.profile)] if args.profile else builtin_profiles()
     if args.json:
         _echo(json.dumps([profile.to_dict() for profile in profiles], indent=2))
@@ -344,11 +350,8 @@ class _ProgressBar:
 
 
 def _run_compile(args: argparse.Namespace) -> int:
-    from gconv_compile.compile import compile as build
-    from gconv_compile.verify import parse_shape_overrides
-
     _check_report_path(args.report, [args.input, args.output])
-    shapes = parse_shape_overrides(args.shape)
+    shapes = parse_shapes(args.shape)
     if args.seeds < 1:
         raise UserError("--seeds must be at least 1")
     try:
@@ -419,10 +422,7 @@ def _add_verify(sub) -> None:
     )
     p.add_argument("--rtol", type=float, metavar="R", help="relative tolerance for every output")
     p.add_argument("--atol", type=float, metavar="A", help="absolute tolerance for every output")
-    p.add_argument(
-        "--shape", action="append", metavar="NAME=DIMS",
-        help="size of an input with symbolic dims, e.g. x=1x3x224x224 (repeatable)",
-    )  # fmt: skip
+    _add_shape_option(p)
     p.add_argument("--arch", metavar="sm_XY", help="CUDA architecture when compiling now")
     p.add_argument("--no-optimize", action="store_true", help="when compiling now: do not fold")
     p.add_argument(
@@ -433,9 +433,6 @@ def _add_verify(sub) -> None:
 
 
 def _run_verify(args: argparse.Namespace) -> int:
-    from gconv_compile.tvm_verify import verify
-    from gconv_compile.verify import parse_shape_overrides
-
     _check_report_path(args.report, [args.input, args.lib or "", args.inputs or ""])
     if args.seeds < 1:
         raise UserError("--seeds must be at least 1")
@@ -446,7 +443,7 @@ def _run_verify(args: argparse.Namespace) -> int:
     result = verify(
         args.input, library=args.lib, target=args.target, inputs=args.inputs,
         seeds=tuple(range(args.seeds)), atol=args.atol, rtol=args.rtol,
-        shapes=parse_shape_overrides(args.shape), arch=args.arch,
+        shapes=parse_shapes(args.shape), arch=args.arch,
         optimize=not args.no_optimize, ignore_fingerprint=args.ignore_fingerprint,
     )  # fmt: skip
     for line in result.lines():
@@ -506,9 +503,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Exception as error:  # a bug, not bad input: one line, traceback on request
         if debug:
             raise
-        first = (str(error).strip().splitlines() or [""])[0][:300]
         print(
-            f"gconv-compile: internal error: {type(error).__name__}: {first} "
+            f"gconv-compile: internal error: {type(error).__name__}: {one_line(error)} "
             "(rerun with --debug for the traceback)",
             file=sys.stderr,
         )

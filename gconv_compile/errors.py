@@ -6,6 +6,8 @@
 
 from __future__ import annotations
 
+import re
+
 
 class GconvError(Exception):
     """Base class for every error gconv-compile reports to a user."""
@@ -37,3 +39,16 @@ def one_line(exc: BaseException, limit: int = 300) -> str:
     """
     text = " ".join(str(exc).split()) or type(exc).__name__
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def tvm_message(exc: BaseException) -> str:
+    """``Type: message`` of a TVM error, from the line that says what went wrong (TVM's text
+    often starts with a C++ backtrace, which :func:`one_line` would keep)."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    useful = [
+        line for line in lines
+        if not line.startswith(("Traceback", "File ", "File:", "at ", "[bt]", "#"))
+        and not re.match(r"^\d+: ", line)
+    ]  # fmt: skip
+    text = (useful[0] if useful else (lines[0] if lines else type(exc).__name__))[:300]
+    return f"{type(exc).__name__}: {text}"

@@ -3,14 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
-import tempfile
-from pathlib import Path
 from typing import Any
 
+from gconv_compile.compare import CheckResult
 from gconv_compile.passes import Rewrite, Skip
-from gconv_compile.verify import CheckResult
 
 
 @dataclasses.dataclass
@@ -85,18 +81,3 @@ class Report:
             + (f"; wrote {self.output}" if self.output else "")
         )
         return out
-
-
-def write_json_atomic(data: Any, path: str | os.PathLike) -> None:
-    """Write JSON to ``path`` through a temporary file in the same folder."""
-    path = Path(path)
-    parent = path.parent if str(path.parent) else Path(".")
-    fd, tmp = tempfile.mkstemp(prefix=".gconv-tmp-", suffix=".json", dir=parent)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(data, handle, indent=2, sort_keys=False, default=str)
-            handle.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

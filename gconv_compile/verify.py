@@ -1,8 +1,22 @@
-"""Numeric comparison of models with onnxruntime.
+"""The ``verify`` command: a TVM build of a model against onnxruntime on the original model.
 
-Every rewrite is checked the same way: onnxruntime (CPU EP, all graph optimisations off) runs the
-model as it was before the rewrite and as it is after, on seeded random inputs, and each output
-is compared elementwise with |a - b| <= atol + rtol * |b| (``b`` is the reference).
+The reference is onnxruntime (all graph optimisations off) on the model exactly as the user gave
+it: the CUDA execution provider, with TF32 off, when the candidate runs on a GPU, else the CPU
+one. The candidate is the TVM library (given, or compiled now) on its target's device. Both see
+the same inputs: the user's ``.npz``, or seeded random inputs with every symbolic dim bound.
+Each output is compared like Polygraphy does: max and mean absolute error, max relative error,
+the worst element, and pass/fail at |cand - ref| <= atol + rtol * |ref|.
+
+Tolerances: float32 uses the product's CPU contract (atol 1e-5, rtol 1e-4) against the CPU
+reference. On a GPU the CUDA C is built with fast math and sums in another order, so float32
+gets atol 1e-4, rtol 1e-3; float16 gets 1e-2 on either device (TVM may accumulate in float16).
+The default atol is multiplied by the output's RMS when that exceeds 1: rounding error grows
+with the size of the sums, and a deep network with logits in the thousands (ResNeXt-50 with
+random weights: RMS 528) differs from onnxruntime by ~1e-6 of that scale, which a fixed atol
+of 1e-5 would call a failure. An explicit ``--atol`` is used as given.
+
+The reference run is :mod:`gconv_compile.reference`'s and the statistics
+:mod:`gconv_compile.compare`'s, the same ones every rewrite's check uses.
 """
 
 from __future__ import annotations
@@ -10,326 +24,339 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import re
-import tempfile
+import time
+import zipfile
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 
+from gconv_compile.build import compile
+from gconv_compile.compare import (
+    TVM_TOLERANCES,
+    CheckResult,
+    OutputStats,
+    compare_arrays,  # noqa: F401 - tests/test_fuzz.py imports it here
+    compare_results,
+)
 from gconv_compile.errors import UserError
-from gconv_compile.model_io import to_ort_source
+from gconv_compile.library import (
+    LibraryInfo,
+    RunFailed,
+    Runner,
+    TensorSpec,
+    load_library,
+    model_fingerprint,
+    read_library_info,
+)
+from gconv_compile.model_io import LoadedModel, load_model
+from gconv_compile.reference import (
+    concrete_input_shapes,
+    graph_inputs,
+    random_inputs,
+    run_reference,
+)
+from gconv_compile.report import Report
+from gconv_compile.targets import cuda_available, default_target_kind
 
 logger = logging.getLogger(__name__)
 
-# (atol, rtol) by element type. float32 is the product's contract: 1e-5 + 1e-4 * |b|.
-DEFAULT_TOLERANCES: dict[str, tuple[float, float]] = {
-    "float64": (1e-9, 1e-7),
-    "float32": (1e-5, 1e-4),
-    "float16": (1e-3, 1e-2),
-    "bfloat16": (1e-2, 5e-2),
-}
-DEFAULT_BATCH = 2
-DEFAULT_SYMBOLIC_DIM = 16
-
 
 @dataclasses.dataclass
-class OutputStats:
-    """How far one output of the candidate is from the reference (worst over all seeds)."""
+class Verification:
+    """The outcome of :func:`verify`: the comparison, the report, and what was compared."""
 
-    name: str
-    shape: list[int]
-    dtype: str
-    max_abs_error: float
-    mean_abs_error: float
-    max_rel_error: float
-    worst_index: list[int]
-    atol: float
-    rtol: float
-    passed: bool
-    note: str = ""
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def failed(
-        cls, name: str, note: str, reference: np.ndarray | None = None, tolerance=(0.0, 0.0)
-    ) -> OutputStats:
-        """An output that could not be compared at all (missing, wrong shape, run failed)."""
-        shape = list(np.shape(reference)) if reference is not None else []
-        dtype = str(np.asarray(reference).dtype) if reference is not None else ""
-        inf = float("inf")
-        return cls(name, shape, dtype, inf, inf, inf, [], *tolerance, False, note=note)
-
-
-@dataclasses.dataclass
-class CheckResult:
-    """The outcome of comparing a candidate with a reference over several input sets."""
-
-    outputs: list[OutputStats]
-    seeds: list[int]
-    input_shapes: dict[str, list[int]]
-    reference: str = "onnxruntime CPU EP (ORT_DISABLE_ALL)"
-    candidate: str = "onnxruntime CPU EP (ORT_DISABLE_ALL)"
+    check: CheckResult
+    report: Report
+    reference: str
+    candidate: str
 
     @property
     def passed(self) -> bool:
-        return all(stat.passed for stat in self.outputs)
+        return self.check.passed
 
-    def to_dict(self) -> dict:
-        return {
-            "passed": self.passed,
-            "reference": self.reference,
-            "candidate": self.candidate,
-            "seeds": self.seeds,
-            "input_shapes": self.input_shapes,
-            "outputs": [stat.to_dict() for stat in self.outputs],
-        }
-
-    def summary(self) -> str:
-        worst = max((s.max_abs_error for s in self.outputs), default=0.0)
-        verdict = "match" if self.passed else "MISMATCH"
-        return (
-            f"{len(self.outputs)} output(s) {verdict} over {len(self.seeds)} seeded input "
-            f"set(s); max abs error {worst:.3g}"
+    def lines(self) -> list[str]:
+        """Polygraphy-style text: what ran, one line per output, a verdict."""
+        check = self.check
+        out = [f"{'reference':10} {self.reference}", f"{'candidate':10} {self.candidate}"]
+        shapes = ", ".join(
+            f"{name} [{'x'.join(map(str, dims))}]" for name, dims in check.input_shapes.items()
         )
-
-
-def parse_shape_overrides(specs: Sequence[str] | None) -> dict[str, list[int]]:
-    """Parse ``name=1x3x224x224`` strings into a mapping."""
-    overrides: dict[str, list[int]] = {}
-    for spec in specs or ():
-        name, sep, dims = spec.rpartition("=")
-        if not sep or not name or not re.fullmatch(r"\d+(x\d+)*", dims):
-            raise UserError(f"--shape '{spec}': expected NAME=DIMxDIMx..., e.g. x=1x3x224x224")
-        overrides[name] = [int(d) for d in dims.split("x")]
-    return overrides
-
-
-def graph_inputs(model: ir.Model) -> list[ir.Value]:
-    """Inputs a caller must feed (initializers listed as inputs are optional and skipped)."""
-    return [v for v in model.graph.inputs if not v.is_initializer()]
-
-
-def concrete_input_shapes(
-    model: ir.Model, overrides: Mapping[str, Sequence[int]] | None = None
-) -> dict[str, list[int]]:
-    """Bind every symbolic dim: same symbol, same size; batch 2, other symbols 16."""
-    overrides = dict(overrides or {})
-    bound: dict[str, int] = {}
-    shapes: dict[str, list[int]] = {}
-    names = {v.name for v in graph_inputs(model)}
-    unknown = set(overrides) - names
-    if unknown:
-        raise UserError(
-            f"--shape names unknown input(s) {sorted(unknown)}; inputs are {sorted(names)}"
+        sets = (
+            f"{len(check.seeds)} seeded set(s) (seeds {', '.join(map(str, check.seeds))})"
+            if check.seeds
+            else "1 set from --inputs"
         )
-    for value in graph_inputs(model):
-        if value.name in overrides:
-            dims = list(overrides[value.name])
-            if value.shape is not None and len(value.shape) != len(dims):
-                raise UserError(
-                    f"--shape {value.name}: rank {len(dims)} given, model input has rank "
-                    f"{len(value.shape)}"
-                )
-            if value.shape is not None:
-                for dim, size in zip(value.shape, dims):
-                    if isinstance(dim, int) and dim != size:
-                        raise UserError(
-                            f"--shape {value.name}: {'x'.join(map(str, dims))} conflicts with "
-                            f"the static shape {value.shape}"
-                        )
-                    if not isinstance(dim, int) and dim.value is not None:
-                        bound.setdefault(dim.value, size)
-            shapes[value.name] = dims
-            continue
-        if value.shape is None:
-            raise UserError(f"input '{value.name}' has no shape; give one with --shape")
-        dims = []
-        for axis, dim in enumerate(value.shape):
-            if isinstance(dim, int):
-                dims.append(dim)
-                continue
-            default = DEFAULT_BATCH if axis == 0 else DEFAULT_SYMBOLIC_DIM
-            if dim.value is None:
-                dims.append(default)
-            else:
-                dims.append(bound.setdefault(dim.value, default))
-        shapes[value.name] = dims
-    return shapes
+        out.append(f"{'inputs':10} {shapes}; {sets}")
+        for stat in check.outputs:
+            flag = "PASS" if stat.passed else "FAIL"
+            where = f" at {stat.worst_index}" if stat.worst_index else ""
+            out.append(
+                f"{'output':10} {stat.name} {stat.dtype}[{'x'.join(map(str, stat.shape))}]: "
+                f"max abs {stat.max_abs_error:.3g}, mean abs {stat.mean_abs_error:.3g}, "
+                f"max rel {stat.max_rel_error:.3g}{where} "
+                f"(atol {stat.atol:g}, rtol {stat.rtol:g}) {flag}"
+                + (f" - {stat.note}" if stat.note else "")
+            )
+        for warning in self.report.warnings:
+            out.append(f"{'warning':10} {warning}")
+        passed = sum(stat.passed for stat in check.outputs)
+        verdict = "PASS" if check.passed else "FAIL"
+        out.append(f"verify: {verdict}: {passed}/{len(check.outputs)} output(s) within tolerance")
+        return out
 
 
-def random_inputs(
-    model: ir.Model, seed: int, shapes: Mapping[str, Sequence[int]]
-) -> dict[str, np.ndarray]:
-    """Seeded random feeds: normal floats, small non-negative integers, random booleans."""
-    rng = np.random.default_rng(seed)
-    feeds: dict[str, np.ndarray] = {}
-    for value in graph_inputs(model):
-        dims = tuple(shapes[value.name])
-        dtype = value.dtype.numpy() if value.dtype is not None else np.dtype(np.float32)
-        if np.issubdtype(dtype, np.floating):
-            feeds[value.name] = rng.standard_normal(dims).astype(dtype)
-        elif dtype == np.bool_:
-            feeds[value.name] = rng.random(dims) < 0.5
-        elif np.issubdtype(dtype, np.integer):
-            feeds[value.name] = rng.integers(0, 4, size=dims).astype(dtype)
-        else:
-            raise UserError(f"input '{value.name}': cannot make random data of type {dtype}")
-    return feeds
-
-
-def ort_session(source: str | bytes, providers: Sequence[str] | None = None):
-    """An onnxruntime session with every graph optimisation off."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    options.log_severity_level = 3
-    options.intra_op_num_threads = min(4, os.cpu_count() or 1)
-    return ort.InferenceSession(
-        source, options, providers=list(providers or ["CPUExecutionProvider"])
-    )
-
-
-def run_ort_model(
-    model: ir.Model,
-    feeds_list: Sequence[Mapping[str, np.ndarray]],
+def verify(
+    model: str | os.PathLike | onnx.ModelProto | ir.Model,
     *,
-    source: str | bytes | None = None,
-    providers: Sequence[str] | None = None,
-) -> list[dict[str, np.ndarray]]:
-    """Run ``model`` (or the already serialised ``source``) on each feed dict."""
-    with tempfile.TemporaryDirectory(prefix="gconv-ort-") as workdir:
-        if source is None:
-            source = to_ort_source(model, workdir)
-        session = ort_session(source, providers)
-        names = [o.name for o in session.get_outputs()]
-        results = []
-        for feeds in feeds_list:
-            values = session.run(names, dict(feeds))
-            results.append(dict(zip(names, values)))
-        return results
-
-
-def tolerance_for(dtype: np.dtype, atol: float | None, rtol: float | None) -> tuple[float, float]:
-    default_atol, default_rtol = DEFAULT_TOLERANCES.get(np.dtype(dtype).name, (0.0, 0.0))
-    return (default_atol if atol is None else atol, default_rtol if rtol is None else rtol)
-
-
-def compare_arrays(
-    name: str, ref: np.ndarray, cand: np.ndarray, *, atol: float | None, rtol: float | None
-) -> OutputStats:
-    """Elementwise comparison; NaN equals NaN, inf equals the same inf."""
-    ref = np.asarray(ref)
-    cand = np.asarray(cand)
-    tol_a, tol_r = tolerance_for(ref.dtype, atol, rtol)
-    if ref.shape != cand.shape:
-        note = f"shape {list(cand.shape)} != reference {list(ref.shape)}"
-        return OutputStats.failed(name, note, ref, (tol_a, tol_r))
-    if ref.size == 0:
-        return OutputStats(
-            name, list(ref.shape), str(ref.dtype), 0.0, 0.0, 0.0, [], tol_a, tol_r, True
-        )
-    if ref.dtype.kind in "biu":
-        diff = np.abs(ref.astype(np.int64) - cand.astype(np.int64)).astype(np.float64)
-        magnitude = np.abs(ref.astype(np.float64))
-    else:
-        r64 = ref.astype(np.float64)
-        c64 = cand.astype(np.float64)
-        same = (r64 == c64) | (np.isnan(r64) & np.isnan(c64))
-        diff = np.where(same, 0.0, np.abs(r64 - c64))
-        diff = np.where(np.isnan(diff), np.inf, diff)
-        magnitude = np.abs(np.where(np.isfinite(r64), r64, 0.0))
-    allowed = tol_a + tol_r * magnitude
-    rel = diff / np.maximum(magnitude, np.finfo(np.float64).tiny)
-    worst = np.unravel_index(int(np.argmax(diff - allowed)), ref.shape)
-    return OutputStats(
-        name=name,
-        shape=list(ref.shape),
-        dtype=str(ref.dtype),
-        max_abs_error=float(diff.max()),
-        mean_abs_error=float(diff.mean()),
-        max_rel_error=float(rel.max()),
-        worst_index=[int(i) for i in worst],
-        atol=tol_a,
-        rtol=tol_r,
-        passed=bool(np.all(diff <= allowed)),
-    )
-
-
-def merge_stats(per_seed: Sequence[Sequence[OutputStats]]) -> list[OutputStats]:
-    """Keep, for each output, the worst statistics across seeds."""
-    merged: list[OutputStats] = []
-    for stats in zip(*per_seed):
-        worst = max(stats, key=lambda s: (not s.passed, s.max_abs_error))
-        worst = dataclasses.replace(
-            worst,
-            mean_abs_error=float(np.mean([s.mean_abs_error for s in stats])),
-            max_rel_error=max(s.max_rel_error for s in stats),
-            passed=all(s.passed for s in stats),
-        )
-        merged.append(worst)
-    return merged
-
-
-def compare_results(
-    references: Sequence[Mapping[str, np.ndarray]],
-    candidates: Sequence[Mapping[str, np.ndarray]],
-    *,
+    library: str | os.PathLike | None = None,
+    target: str | None = None,
+    inputs: str | os.PathLike | Mapping[str, np.ndarray] | None = None,
+    seeds: Sequence[int] = (0, 1, 2),
     atol: float | None = None,
     rtol: float | None = None,
-) -> list[OutputStats]:
-    per_seed = []
-    for ref, cand in zip(references, candidates):
-        stats = []
-        for name, ref_value in ref.items():
-            if name not in cand:
-                stats.append(OutputStats.failed(name, "missing from candidate", ref_value))
-                continue
-            stats.append(compare_arrays(name, ref_value, cand[name], atol=atol, rtol=rtol))
-        per_seed.append(stats)
-    return merge_stats(per_seed)
+    shapes: Mapping[str, Sequence[int]] | None = None,
+    arch: str | None = None,
+    optimize: bool = True,
+    ignore_fingerprint: bool = False,
+) -> Verification:
+    """Compare a TVM build of ``model`` with onnxruntime on ``model``.
+
+    Args:
+        model: The original model (path, ``onnx.ModelProto`` or ``onnx_ir.Model``).
+        library: A library written by ``compile``; without it the model is compiled now.
+        target: Target to compile for when no library is given (default: cuda when a GPU is
+            visible, else llvm).
+        inputs: An ``.npz`` path or a name -> array mapping (one input set); default: seeded
+            random inputs, one set per seed.
+        seeds: Seeds of the random input sets.
+        atol, rtol: Tolerances for every output (default: by dtype and device, see
+            :data:`TVM_TOLERANCES`).
+        shapes: Sizes of inputs with symbolic dims (random inputs only).
+        arch: CUDA architecture when compiling now.
+        optimize: Fold before compiling (when compiling now).
+        ignore_fingerprint: Accept a library compiled from another file with the same inputs
+            and outputs (e.g. from a copy optimised separately).
+
+    Returns:
+        The verification; ``.passed`` says whether every output is within tolerance.
+
+    Raises:
+        UserError: Bad model, library, inputs or options (exit code 2).
+    """
+    if library is not None and target is not None:
+        raise UserError("give --lib or --target, not both")
+    if not seeds and inputs is None:
+        raise UserError("--seeds must be at least 1")
+    loaded = load_model(model)
+    report = Report("verify", input=str(loaded.path) if loaded.path else None)
+    timings: dict[str, float] = {}
+    report.extra["timings"] = timings
+
+    if library is not None and target is not None:
+        raise UserError("give --lib or --target, not both")
+    if not seeds and inputs is None:
+        raise UserError("--seeds must be at least 1")
+    loaded = load_model(model)
+    report = Report("verify", input=str(loaded.path) if loaded.path else None)
+    timings: dict[str, float] = {}
+    report.extra["timings"] = timings
+    # Everything that can be bad input is checked before the slow parts run.
+    info, kind, specs = _candidate_target(loaded, library, target, ignore_fingerprint)
+    report.target = kind
+    feeds_list, seed_list = _feeds(loaded, specs, inputs=inputs, seeds=seeds, shapes=shapes)
+
+    started = time.perf_counter()
+    if library is not None:
+        runner = load_library(library)
+        candidate = f"TVM {kind} library {library} on {runner.device_name}"
+        report.extra["library"] = info.to_dict()
+    else:
+        runner = _compile_now(model, kind, report, arch=arch, optimize=optimize)
+        candidate = f"TVM {kind} build (compiled now) on {runner.device_name}"
+    timings["candidate_load_s"] = time.perf_counter() - started
+
+    started = time.perf_counter()
+    references, reference, warning = run_reference(loaded, feeds_list, on_gpu=kind == "cuda")
+    if warning:
+        report.warnings.append(warning)
+    timings["reference_s"] = time.perf_counter() - started
+
+    started = time.perf_counter()
+    candidates, failure = _run_candidate(runner, feeds_list)
+    timings["candidate_run_s"] = time.perf_counter() - started
+
+    if failure is not None:
+        stats = [OutputStats.failed(name, failure, value) for name, value in references[0].items()]
+    else:
+        tolerances = TVM_TOLERANCES["cuda" if kind == "cuda" else "cpu"]
+        stats = compare_results(
+            references, candidates, atol=atol, rtol=rtol, tolerances=tolerances, scale_atol=True
+        )
+    shapes_fed = {name: list(value.shape) for name, value in feeds_list[0].items()}
+    check = CheckResult(stats, seed_list, shapes_fed, reference=reference, candidate=candidate)
+    report.check = check
+    return Verification(check, report, reference, candidate)
 
 
-class ReferenceRun:
-    """Reference outputs of a model, computed once before a rewrite mutates it."""
+def _candidate_target(
+    loaded: LoadedModel,
+    library: str | os.PathLike | None,
+    target: str | None,
+    ignore_fingerprint: bool,
+) -> tuple[LibraryInfo | None, str, list[TensorSpec]]:
+    """The library's description (None when compiling now), the target kind, the input specs.
 
-    def __init__(
-        self,
-        model: ir.Model,
-        *,
-        seeds: Sequence[int] = (0, 1, 2),
-        shapes: Mapping[str, Sequence[int]] | None = None,
-        source: str | bytes | None = None,
-    ) -> None:
-        self.seeds = list(seeds)
-        self.shapes = concrete_input_shapes(model, shapes)
-        self.feeds = [random_inputs(model, seed, self.shapes) for seed in self.seeds]
-        try:
-            self.outputs = run_ort_model(model, self.feeds, source=source)
-        except UserError:
-            raise
-        except Exception as exc:
+    Raises:
+        UserError: A library of another model, or a CUDA candidate without a GPU here.
+    """
+    info = None
+    if library is not None:
+        info = read_library_info(library)
+        _check_library_matches(loaded, info, library, ignore_fingerprint)
+        specs, kind = info.inputs, info.target_kind
+    else:
+        kind = target or default_target_kind()
+        specs = [TensorSpec.from_value(v) for v in graph_inputs(loaded.model)]
+    if kind == "cuda" and not cuda_available():
+        if library is not None:
+            raise UserError(f"{library}: a CUDA library needs a GPU and none is visible")
+        raise UserError("a CUDA build runs on a GPU and none is visible; verify with --target llvm")
+    return info, kind, specs
+
+
+def _feeds(
+    loaded: LoadedModel,
+    specs: Sequence[TensorSpec],
+    *,
+    inputs: str | os.PathLike | Mapping[str, np.ndarray] | None,
+    seeds: Sequence[int],
+    shapes: Mapping[str, Sequence[int]] | None,
+) -> tuple[list[dict[str, np.ndarray]], list[int]]:
+    """The input sets: the user's, or one seeded random set per seed."""
+    if inputs is not None:
+        if shapes:
+            raise UserError("--shape applies to random inputs; --inputs fixes the shapes")
+        return [_read_inputs(inputs, loaded.model, specs)], []
+    bound = _library_bound_shapes(loaded.model, specs, shapes)
+    input_shapes = concrete_input_shapes(loaded.model, bound)
+    for spec in specs:
+        if not spec.accepts(input_shapes[spec.name]):
             raise UserError(
-                "onnxruntime cannot run the input model, so the rewrite cannot be checked "
-                f"({_first_line(exc)}); pass --no-check to skip the check"
-            ) from exc
+                f"input '{spec.name}': shape {input_shapes[spec.name]} does not fit the "
+                f"library's {spec.describe()}"
+            )
+    return [random_inputs(loaded.model, seed, input_shapes) for seed in seeds], list(seeds)
 
-    def check(self, candidate: ir.Model) -> CheckResult:
-        """Run ``candidate`` on the same inputs and compare."""
+
+def _compile_now(model, kind: str, report: Report, *, arch: str | None, optimize: bool) -> Runner:
+    """Compile the model for ``kind`` in memory (its rewrite is the comparison's subject, so it
+    is not checked separately) and note what was rewritten."""
+    compiled = compile(model, kind, arch=arch, optimize=optimize, check=False)
+    report.rewrites.extend(compiled.report.rewrites)
+    report.skips.extend(compiled.report.skips)
+    report.nodes_before = compiled.report.nodes_before
+    report.nodes_after = compiled.report.nodes_after
+    report.extra["library"] = compiled.info.to_dict()
+    return compiled.runner()
+
+
+def _check_library_matches(
+    loaded: LoadedModel, info, library: str | os.PathLike, ignore_fingerprint: bool
+) -> None:
+    """Refuse a library built from another model (by sha256, then by inputs and outputs)."""
+    fingerprint = model_fingerprint(loaded)
+    if info.model_sha256 != fingerprint and not ignore_fingerprint:
+        source = f" ({info.model})" if info.model else ""
+        raise UserError(
+            f"{library} was compiled from a different model{source}: sha256 "
+            f"{info.model_sha256[:12]}... != {fingerprint[:12]}... of this one "
+            "(--ignore-fingerprint compares anyway)"
+        )
+    model_inputs = [TensorSpec.from_value(v) for v in graph_inputs(loaded.model)]
+    model_outputs = [TensorSpec.from_value(v) for v in loaded.model.graph.outputs]
+    for kind, ours, theirs in (
+        ("inputs", model_inputs, info.inputs),
+        ("outputs", model_outputs, info.outputs),
+    ):
+        ours_sig = [(t.name, t.dtype) for t in ours]
+        theirs_sig = [(t.name, t.dtype) for t in theirs]
+        if ours_sig != theirs_sig:
+            raise UserError(
+                f"{library} does not fit this model: its {kind} are "
+                f"{[t.describe() for t in theirs]}, the model's are "
+                f"{[t.describe() for t in ours]}"
+            )
+
+
+def _library_bound_shapes(
+    model: ir.Model, specs: Sequence[TensorSpec], shapes: Mapping[str, Sequence[int]] | None
+) -> dict[str, list[int]]:
+    """User sizes first; else the sizes a library was built for, when it fixed them all."""
+    bound = {name: list(dims) for name, dims in (shapes or {}).items()}
+    model_inputs = {v.name: v for v in graph_inputs(model)}
+    for spec in specs:
+        value = model_inputs.get(spec.name)
+        if spec.name in bound or value is None or value.shape is None or spec.shape is None:
+            continue
+        symbolic = any(not isinstance(d, int) for d in value.shape)
+        if symbolic and all(isinstance(d, int) for d in spec.shape):
+            bound[spec.name] = list(spec.shape)
+    return bound
+
+
+def _read_inputs(
+    source: str | os.PathLike | Mapping[str, np.ndarray],
+    model: ir.Model,
+    specs: Sequence[TensorSpec],
+) -> dict[str, np.ndarray]:
+    """Load an ``.npz`` (or take a mapping) and check it against the model and the library."""
+    label = "--inputs"
+    if isinstance(source, Mapping):
+        arrays = {name: np.asarray(value) for name, value in source.items()}
+    else:
+        path = Path(source)
+        label = str(path)
+        if not path.is_file():
+            raise UserError(f"{path}: no such file")
         try:
-            outputs = run_ort_model(candidate, self.feeds)
-        except Exception as exc:
-            note = f"onnxruntime failed on the rewritten model: {_first_line(exc)}"
-            failed = [
-                OutputStats.failed(name, note, value) for name, value in self.outputs[0].items()
-            ]
-            return CheckResult(failed, self.seeds, self.shapes)
-        return CheckResult(compare_results(self.outputs, outputs), self.seeds, self.shapes)
+            with np.load(path, allow_pickle=False) as data:
+                arrays = {name: data[name] for name in data.files}
+        except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+            raise UserError(f"{path}: not a readable .npz of arrays ({exc})")
+    model_inputs = {v.name: v for v in graph_inputs(model)}
+    missing = sorted(set(model_inputs) - set(arrays))
+    unknown = sorted(set(arrays) - set(model_inputs))
+    if missing or unknown:
+        raise UserError(
+            f"{label}: arrays must be named like the model's inputs {sorted(model_inputs)}; "
+            f"missing {missing}, unknown {unknown}"
+        )
+    by_name = {spec.name: spec for spec in specs}
+    for name, value in model_inputs.items():
+        array = arrays[name]
+        model_spec = TensorSpec.from_value(value)
+        if array.dtype.name != model_spec.dtype:
+            raise UserError(
+                f"{label}: '{name}' is {array.dtype.name}, the model takes {model_spec.dtype}"
+            )
+        for spec in (model_spec, by_name.get(name)):
+            if spec is not None and not spec.accepts(array.shape):
+                raise UserError(
+                    f"{label}: '{name}' has shape {list(array.shape)}, expected {spec.describe()}"
+                )
+    return arrays
 
 
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip() or type(exc).__name__
-    return text.splitlines()[0][:300]
+def _run_candidate(
+    runner: Runner, feeds_list: Sequence[Mapping[str, np.ndarray]]
+) -> tuple[list[dict[str, np.ndarray]], str | None]:
+    results = []
+    for feeds in feeds_list:
+        try:
+            results.append(runner.run(feeds))
+        except RunFailed as exc:
+            return results, str(exc)
+    return results, None

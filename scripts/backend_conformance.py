@@ -29,7 +29,7 @@ import onnx  # noqa: E402
 import onnx.backend.test  # noqa: E402
 
 from gconv_compile.backend import CONFORMANCE_PATTERN, KNOWN_FAILURES, GconvBackend  # noqa: E402
-from gconv_compile.compile import tvm_version  # noqa: E402
+from gconv_compile.build import tvm_version  # noqa: E402
 
 DOC = ROOT / "docs" / "backend_conformance.md"
 

@@ -10,38 +10,32 @@ import onnx
 import onnx_ir as ir
 import pytest
 from builders import split_conv_concat
+from gconv_compile.passes import FoldSplitConvConcat
 
-from gconv_compile import cli, pipeline
-
-_REAL_FOLD = pipeline.fold
+from gconv_compile import cli, targets
 
 
-def _broken_fold(model: ir.Model) -> tuple[list, list]:
+class _BrokenFold(FoldSplitConvConcat):
     """The real fold, then a channel-order bug: the grouped weight's halves swapped."""
-    rewrites, skips = _REAL_FOLD(model)
-    for node in model.graph:
-        if node.op_type == "Conv":
-            weight = node.inputs[1]
-            array = weight.const_value.numpy()
-            half = array.shape[0] // 2
-            weight.const_value = ir.tensor(np.concatenate([array[half:], array[:half]]))
-    return rewrites, skips
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        result = super().call(model)
+        for node in model.graph:
+            if node.op_type == "Conv":
+                weight = node.inputs[1]
+                array = weight.const_value.numpy()
+                half = array.shape[0] // 2
+                weight.const_value = ir.tensor(np.concatenate([array[half:], array[:half]]))
+        return result
 
 
 @pytest.mark.parametrize("command", ["optimize", "compile"])
 def test_check_failure_exits_1_writes_report_not_output(command, tmp_path, monkeypatch, capsys):
     model = tmp_path / "m.onnx"
     onnx.save(split_conv_concat(split_form="split13"), model)
-    if command == "optimize":
-        monkeypatch.setattr(pipeline, "fold", _broken_fold)
-        out = tmp_path / "out.onnx"
-    else:
-        import importlib
-
-        compile_module = importlib.import_module("gconv_compile.compile")
-
-        monkeypatch.setattr(compile_module, "optimization_for_target", lambda *a: _broken_fold)
-        out = tmp_path / "out.so"
+    # Both commands get their passes from targets.passes_for_target.
+    monkeypatch.setattr(targets, "FoldSplitConvConcat", _BrokenFold)
+    out = tmp_path / ("out.onnx" if command == "optimize" else "out.so")
     report = tmp_path / "r.json"
     code = cli.main([command, str(model), "-o", str(out), "--report", str(report)])
     captured = capsys.readouterr()

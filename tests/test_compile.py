@@ -20,17 +20,12 @@ from builders import make_model, split_conv_concat, tensor_info
 from grouped_models import grouped_conv, zoo_model
 from onnx import TensorProto, helper, numpy_helper
 
-from gconv_compile.compile import (
-    CUDA_RUNTIME_NEEDS,
-    compile,
-    cuda_available,
-    host_llvm_target,
-    load_library,
-    sidecar_path,
-)
+from gconv_compile.build import compile
 from gconv_compile.errors import UserError
-from gconv_compile.tvm_verify import verify
-from gconv_compile.verify import run_ort_model
+from gconv_compile.library import CUDA_RUNTIME_NEEDS, load_library, sidecar_path
+from gconv_compile.reference import run_ort_model
+from gconv_compile.targets import cuda_available, host_llvm_target
+from gconv_compile.verify import verify
 
 
 def _fp16_grouped_conv() -> onnx.ModelProto:
@@ -169,7 +164,7 @@ def test_compile_without_optimize_leaves_the_split_branches(tmp_path):
 
 
 def test_python_api_compile_is_callable_from_the_package(tmp_path):
-    import gconv_compile.compile  # noqa: F401  (binds the submodule on the package)
+    import gconv_compile.build  # noqa: F401  (binding the submodule must not hide the function)
 
     compiled = gconv_compile.compile(split_conv_concat(seed=2), target="llvm")
     x = np.random.default_rng(1).standard_normal((2, 8, 6, 6)).astype(np.float32)

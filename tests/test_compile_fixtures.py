@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from gconv_compile.compile import compile
-from gconv_compile.tvm_verify import verify
+from gconv_compile.build import compile
+from gconv_compile.verify import verify
 
 FIXTURES = sorted((Path(__file__).parent / "fixtures" / "torch").glob("*.onnx"))
 

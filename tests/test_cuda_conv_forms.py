@@ -8,7 +8,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
-from gconv_compile.compile import compile
+from gconv_compile.build import compile
 
 
 def _conv(tmp_path, *, group: int, per_group: int, dtype: str):
@@ -58,10 +58,10 @@ def test_dense_form_computes_the_same_in_onnxruntime(tmp_path):
     """The block-diagonal rewrite itself is checked by onnxruntime like every rewrite."""
     from gconv_compile.passes import ExpandGroupedConv
 
-    from gconv_compile.compile import choose_cuda_conv_forms
     from gconv_compile.model_io import load_model
     from gconv_compile.pipeline import run_checked
     from gconv_compile.report import Report
+    from gconv_compile.targets import choose_cuda_conv_forms
 
     path = _conv(tmp_path, group=2, per_group=64, dtype="float32")
     loaded = load_model(path)

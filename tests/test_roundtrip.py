@@ -26,7 +26,7 @@ from grouped_models import (
 
 import gconv_compile
 from gconv_compile.cli import main
-from gconv_compile.verify import compare_results
+from gconv_compile.compare import compare_results
 
 GENERATED = [
     ("conv2d-g2", lambda: grouped_conv()),

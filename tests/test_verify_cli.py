@@ -16,7 +16,7 @@ import pytest
 from builders import split_conv_concat
 
 from gconv_compile.cli import main
-from gconv_compile.compile import cuda_available
+from gconv_compile.targets import cuda_available
 
 
 @pytest.fixture(scope="module")
@@ -174,7 +174,13 @@ def test_verify_cuda_library_without_gpu_exits_2(work, capsys):
 
 
 def test_default_atol_scales_with_the_output_rms_and_explicit_atol_does_not():
-    from gconv_compile.tvm_verify import _compare
+    from gconv_compile.compare import TVM_TOLERANCES, compare_results
+
+    def _compare(references, candidates, device, atol, rtol):
+        return compare_results(
+            references, candidates, atol=atol, rtol=rtol, tolerances=TVM_TOLERANCES[device],
+            scale_atol=True,
+        )  # fmt: skip
 
     ref = np.random.default_rng(0).standard_normal((4, 100)).astype(np.float32) * 1000
     rounding = ref + np.float32(1e-3)  # ~1e-6 of the scale: float32 rounding over a deep net

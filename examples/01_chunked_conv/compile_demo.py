@@ -52,7 +52,7 @@ def main(argv: list[str]) -> None:
     run("verify", rel(model), "--lib", rel(cpu_lib), "--report", rel(out / "verify_llvm.json"))
 
     sys.path.insert(0, str(HERE.parents[1]))
-    from gconv_compile.compile import cuda_available
+    from gconv_compile.targets import cuda_available
 
     gpu_lib = out / "chunked_resnext_cuda.so"
     source_dir = out / "cuda_src"

@@ -55,6 +55,7 @@ from tvm import tirx
 from tvm.target import Target
 
 from .cpu import host_target
+from .tuning import apply_database, tune
 
 logger = logging.getLogger(__name__)
 
@@ -317,17 +318,3 @@ def _pack_constants(mod: tvm.IRModule, packings: dict) -> tvm.IRModule:
         if isinstance(func, relax.Function):
             out[gv] = packer.visit_expr(func)
     return out
-
-
-def tune(*args, **kwargs):
-    """Run MetaSchedule on a legalised, fused module; see ``tuning.tune``."""
-    from .tuning import tune as _tune
-
-    return _tune(*args, **kwargs)
-
-
-def apply_database(*args, **kwargs):
-    """Replace PrimFuncs with their tuned schedules from a database dir; see ``tuning``."""
-    from .tuning import apply_database as _apply
-
-    return _apply(*args, **kwargs)

@@ -1,0 +1,484 @@
+"""Building a model with TVM Relax: import, optimise, build, export, emit source.
+
+The flow::
+
+    IN.onnx --load/validate--> onnx-ir model --passes for the target (checked in onnxruntime)
+        --tvm.relax.frontend.onnx.from_onnx--> Relax IRModule (symbolic dims stay symbolic)
+        --[MetaSchedule tuning]--> tvm.compile(target, our schedules) --> Executable
+        --export_library--> OUT.so + OUT.so.json (the sidecar, :mod:`gconv_compile.library`)
+
+Which passes run is :func:`gconv_compile.targets.passes_for_target`'s decision; the check is
+:func:`gconv_compile.pipeline.run_checked`'s. The package exports :func:`compile` as
+``gconv_compile.compile``.
+
+TVM and the schedules (which import TVM) are imported inside the functions that build, not at
+the top, so that importing the package for ``optimize`` or ``expand`` never loads TVM.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+import warnings
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import onnx
+import onnx_ir as ir
+
+from gconv_compile.errors import UserError, tvm_message
+from gconv_compile.files import TMP_PREFIX, write_text_atomic
+from gconv_compile.library import (
+    LibraryInfo,
+    Runner,
+    TensorSpec,
+    file_sha256,
+    model_fingerprint,
+    sidecar_path,
+)
+from gconv_compile.model_io import LoadedModel, check_output_path, count_nodes, load_model
+from gconv_compile.pipeline import run_checked
+from gconv_compile.reference import check_shape_names
+from gconv_compile.report import Report
+from gconv_compile.targets import passes_for_target, target_spec
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass
+class CompiledModel:
+    """The result of :func:`compile`: a TVM executable, what it computes, and the report.
+
+    Attributes:
+        executable: The ``tvm.runtime.Executable``.
+        info: Inputs, outputs, target and fingerprints (also written as the sidecar).
+        report: Rewrites, the check of the rewrite, timings (``report.extra["timings"]``).
+        library: The exported library, or None when compiled in memory only.
+        sources: Files written by ``emit_source``.
+    """
+
+    executable: Any
+    info: LibraryInfo
+    report: Report
+    library: Path | None = None
+    sources: list[Path] = dataclasses.field(default_factory=list)
+
+    @property
+    def timings(self) -> dict[str, float]:
+        return self.report.extra.get("timings", {})
+
+    def runner(self) -> Runner:
+        """A VM over the in-memory executable, on the device of its target."""
+        return Runner(self.executable, self.info)
+
+
+@dataclasses.dataclass
+class _Request:
+    """The checked options of one :func:`compile` call."""
+
+    spec: dict[str, Any]
+    loaded: LoadedModel
+    out_path: Path | None
+    source_dir: Path | None
+    shapes: dict[str, list[int]]
+
+
+def compile(  # noqa: A001 - the public name the API promises
+    model: str | os.PathLike | onnx.ModelProto | ir.Model,
+    target: str = "llvm",
+    *,
+    output: str | os.PathLike | None = None,
+    arch: str | None = None,
+    mcpu: str | None = None,
+    optimize: bool = True,
+    check: bool = True,
+    seeds: Sequence[int] = (0, 1, 2),
+    shapes: Mapping[str, Sequence[int]] | None = None,
+    emit_source: str | os.PathLike | None = None,
+    tune_trials: int = 0,
+    tune_db: str | os.PathLike | None = None,
+    tune_progress: Callable[[int, int, float | None], None] | None = None,
+) -> CompiledModel:
+    """Optimise ``model`` for ``target``, build it with TVM Relax, and optionally export it.
+
+    Args:
+        model: A path, an ``onnx.ModelProto`` or an ``onnx_ir.Model`` (none is modified).
+        target: "llvm" (this CPU) or "cuda" (builds without a GPU).
+        output: Write the library here (``.so``) and its sidecar beside it (``.so.json``).
+        arch: CUDA architecture for code generation, e.g. "sm_90" (default: the GPU here,
+            else sm_80; the CUDA C is compiled for the actual GPU at load time).
+        mcpu: llvm CPU name (default: detected from /proc/cpuinfo).
+        optimize: Run the rewrite the target asks for (fold split-conv-concat blocks).
+        check: Check the rewrite against the input model in onnxruntime.
+        seeds: Seeds of the random inputs of that check.
+        shapes: Bind these inputs to these shapes in the build (other symbolic dims stay
+            symbolic) and in the check.
+        emit_source: Folder to write the generated code to (``.cu`` for cuda, ``.ll`` and
+            ``.s`` for llvm).
+        tune_trials: MetaSchedule measurements to spend before the build (0: none). Needs
+            ``tune_db``; tasks that already have records there are not tuned again.
+        tune_db: Tuning-record folder: records found there are applied to the build.
+        tune_progress: Called as ``tune_progress(done, total, eta_seconds_or_None)``.
+
+    Returns:
+        The compiled model; ``.runner()`` runs it in this process.
+
+    Raises:
+        UserError: Bad model, option or output path; TVM cannot import or build the model.
+        CheckFailed: The rewritten model does not match the input (nothing is written).
+    """
+    request = _check_request(
+        model, target, output=output, arch=arch, mcpu=mcpu, emit_source=emit_source,
+        tune_trials=tune_trials, tune_db=tune_db, shapes=shapes,
+    )  # fmt: skip
+    loaded, spec = request.loaded, request.spec
+    fingerprint = model_fingerprint(loaded)
+    report = Report("compile", input=str(loaded.path) if loaded.path else None, target=spec["kind"])
+    timings: dict[str, float] = {}
+    report.extra["timings"] = timings
+    started = time.perf_counter()
+    conv_forms = _optimize(request, report, optimize=optimize, check=check, seeds=seeds)
+    timings["optimize_s"] = time.perf_counter() - started
+
+    inputs, outputs = _tensor_specs(loaded.model, request.shapes)
+    started = time.perf_counter()
+    mod = _import_relax(loaded.model, request.shapes)
+    timings["import_s"] = time.perf_counter() - started
+    executable = _build(
+        mod, spec, inputs, report, tune_trials=tune_trials, tune_db=tune_db,
+        tune_progress=tune_progress,
+    )  # fmt: skip
+    if spec["kind"] == "cuda":
+        report.extra["conv_forms"] = conv_forms
+    info = LibraryInfo(
+        model_sha256=fingerprint,
+        inputs=inputs,
+        outputs=outputs,
+        target=spec,
+        optimized=optimize,
+        rewrites=len(report.rewrites),
+        model=str(loaded.path) if loaded.path else None,
+        tvm_version=tvm_version(),
+    )
+    return _write_outputs(CompiledModel(executable, info, report), request)
+
+
+def _write_outputs(compiled: CompiledModel, request: _Request) -> CompiledModel:
+    """Emit the source and export the library when asked; note both in the report."""
+    report, out_path = compiled.report, request.out_path
+    if request.source_dir is not None:
+        kind = compiled.info.target_kind
+        compiled.sources = _emit_source(compiled.executable, kind, request.source_dir, out_path)
+        report.extra["sources"] = [str(p) for p in compiled.sources]
+    if out_path is not None:
+        started = time.perf_counter()
+        _export(compiled.executable, compiled.info, out_path)
+        report.extra["timings"]["export_s"] = time.perf_counter() - started
+        compiled.library = out_path
+        report.output = str(out_path)
+    report.extra["library"] = compiled.info.to_dict()
+    return compiled
+
+
+def _check_request(
+    model: str | os.PathLike | onnx.ModelProto | ir.Model,
+    target: str,
+    *,
+    output: str | os.PathLike | None,
+    arch: str | None,
+    mcpu: str | None,
+    emit_source: str | os.PathLike | None,
+    tune_trials: int,
+    tune_db: str | os.PathLike | None,
+    shapes: Mapping[str, Sequence[int]] | None,
+) -> _Request:
+    """Everything that can be bad input, checked before the slow parts run."""
+    spec = target_spec(target, arch=arch, mcpu=mcpu)
+    loaded = load_model(model)
+    if isinstance(model, ir.Model):
+        # The passes rewrite in place; the caller's model stays as it was.
+        loaded = LoadedModel(
+            ir.serde.deserialize_model(ir.serde.serialize_model(model)), None, loaded.external_files
+        )
+    out_path = None
+    if output is not None:
+        out_path = check_output_path(output, loaded)
+        if out_path.suffix != ".so":
+            raise UserError(f"{out_path}: the library name must end in .so")
+        check_output_path(sidecar_path(out_path), loaded)
+    source_dir = _check_source_dir(emit_source) if emit_source is not None else None
+    if tune_trials < 0:
+        raise UserError("--tune-trials must be 0 or more")
+    if tune_trials and tune_db is None:
+        raise UserError("--tune-trials needs --tune-db DIR to keep the tuning records in")
+    if tune_db is not None and Path(tune_db).exists() and not Path(tune_db).is_dir():
+        raise UserError(f"--tune-db {tune_db}: not a folder")
+    bound = {name: list(dims) for name, dims in (shapes or {}).items()}
+    check_shape_names(loaded.model, bound)
+    return _Request(spec, loaded, out_path, source_dir, bound)
+
+
+def _optimize(
+    request: _Request, report: Report, *, optimize: bool, check: bool, seeds: Sequence[int]
+) -> list[dict[str, Any]]:
+    """Run the target's passes, checked; returns the CUDA conv-form decisions."""
+    if not optimize:
+        report.nodes_before = report.nodes_after = count_nodes(request.loaded.model)
+        report.check_note = "not optimised (--no-optimize)"
+        return []
+    plan = passes_for_target("compile", request.spec["kind"])
+    run_checked(
+        request.loaded, plan, report, check=check, seeds=seeds, shapes=request.shapes or None
+    )
+    return plan.conv_forms
+
+
+def _tensor_specs(
+    model: ir.Model, shapes: Mapping[str, Sequence[int]]
+) -> tuple[list[TensorSpec], list[TensorSpec]]:
+    """The library's inputs (with the sizes the user bound) and outputs."""
+    inputs = [TensorSpec.from_value(v) for v in model.graph.inputs if not v.is_initializer()]
+    for spec in inputs:
+        if spec.name in shapes:
+            spec.shape = list(shapes[spec.name])
+    return inputs, [TensorSpec.from_value(v) for v in model.graph.outputs]
+
+
+def _build(
+    mod,
+    spec: Mapping[str, Any],
+    inputs: Sequence[TensorSpec],
+    report: Report,
+    *,
+    tune_trials: int,
+    tune_db: str | os.PathLike | None,
+    tune_progress: Callable[[int, int, float | None], None] | None,
+):
+    """Tune (when asked), then build the Relax module with our schedules; returns the
+    executable and notes the timings and schedule decisions in ``report``."""
+    import tvm  # see the module docstring
+
+    from gconv_compile import tvm_schedules
+
+    timings = report.extra["timings"]
+    tvm_target = _tvm_target(spec)
+    if tune_trials:
+        started = time.perf_counter()
+        _tune(mod, tvm_target, inputs, report, tune_trials, tune_db, tune_progress)
+        timings["tune_s"] = time.perf_counter() - started
+    started = time.perf_counter()
+    decisions: list = []
+    pipeline = tvm_schedules.relax_pipeline(
+        tvm_target, db_dir=str(tune_db) if tune_db is not None else None, decisions=decisions
+    )
+    try:
+        with tvm.transform.PassContext(opt_level=3):
+            executable = tvm.compile(mod, tvm_target, relax_pipeline=pipeline)
+    except Exception as exc:
+        raise UserError(f"TVM cannot build the model for {spec['kind']}: {tvm_message(exc)}")
+    timings["build_s"] = time.perf_counter() - started
+    report.extra["schedules"] = [d.to_dict() for d in decisions]
+    return executable
+
+
+def _tune(mod, tvm_target, inputs, report, trials, tune_db, progress) -> None:
+    """MetaSchedule tuning of the fused module; records go to ``tune_db``."""
+    import tvm  # see the module docstring
+
+    from gconv_compile import tvm_schedules
+
+    symbolic = [
+        s.describe()
+        for s in inputs
+        if s.shape is None or not all(isinstance(d, int) for d in s.shape)
+    ]
+    if symbolic:
+        raise UserError(
+            "tuning needs static input shapes (MetaSchedule cannot tune symbolic ones): "
+            f"bind {', '.join(symbolic)} with --shape NAME=DIMS"
+        )
+    with tvm_target:
+        fused = tvm.transform.Sequential(tvm_schedules.legalize_and_fuse(tvm_target))(mod)
+    summary = tvm_schedules.tune(
+        fused, tvm_target, trials=trials, db_dir=tune_db, progress=progress
+    )
+    report.extra["tuning"] = {"db": str(tune_db), "summary": summary.line()}
+
+
+def tvm_version() -> str:
+    """The TVM version that builds (TVM imported on call)."""
+    import tvm  # see the module docstring
+
+    return tvm.__version__
+
+
+def _tvm_target(spec: Mapping[str, Any]):
+    import tvm  # see the module docstring
+
+    spec = dict(spec)
+    host = spec.pop("host", None)
+    return tvm.target.Target(spec, host=host) if host else tvm.target.Target(spec)
+
+
+def _check_source_dir(path: str | os.PathLike) -> Path:
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"--emit-source {folder}: exists and is not a folder")
+    parent = folder.parent if str(folder.parent) else Path(".")
+    if not folder.exists() and not parent.is_dir():
+        raise UserError(f"--emit-source {folder}: folder '{parent}' does not exist")
+    return folder
+
+
+def _import_relax(model: ir.Model, shapes: Mapping[str, Sequence[int]]):
+    """ONNX -> Relax. Only the inputs the user bound get a shape; the rest stay symbolic."""
+    from tvm.relax.frontend.onnx import from_onnx  # see the module docstring
+
+    ir.external_data.load_to_model(model)  # TVM reads tensors from the proto, not from files
+    proto = ir.serde.serialize_model(model)
+    _resolve_conv_transpose_output_shape(proto, shapes)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            mod = from_onnx(proto, shape_dict=dict(shapes) or None)
+        except Exception as exc:
+            raise UserError(f"TVM's ONNX importer cannot convert the model: {tvm_message(exc)}")
+    for warning in caught:
+        logger.info("TVM import: %s", str(warning.message).splitlines()[0])
+    return mod
+
+
+def _resolve_conv_transpose_output_shape(
+    proto: onnx.ModelProto, shapes: Mapping[str, Sequence[int]]
+) -> None:
+    """Turn ConvTranspose ``output_shape`` into explicit ``pads``/``output_padding``.
+
+    TVM 0.27's importer ignores ``output_shape`` and silently returns the natural output size.
+    The ONNX rule: total_padding = stride * (in - 1) + output_padding + (kernel - 1) * dilation
+    + 1 - output_shape, split as auto_pad says (SAME_UPPER puts the larger half at the end);
+    a negative total means the output is larger than the natural one, i.e. output_padding.
+    Needs the input's spatial size, so it must be static (or bound with ``shapes``).
+    """
+    from onnx import helper
+
+    targets = [
+        node for node in proto.graph.node
+        if node.op_type == "ConvTranspose" and any(a.name == "output_shape" for a in node.attribute)
+    ]  # fmt: skip
+    if not targets:
+        return
+    probe = onnx.ModelProto()
+    probe.CopyFrom(proto)
+    for value in probe.graph.input:
+        if value.name in shapes:
+            dims = value.type.tensor_type.shape.dim
+            for dim, size in zip(dims, shapes[value.name]):
+                dim.Clear()
+                dim.dim_value = int(size)
+    try:
+        inferred = onnx.shape_inference.infer_shapes(probe).graph
+    except Exception:  # inference is best effort; unknown shapes are reported below
+        inferred = probe.graph
+    known: dict[str, list[int | None]] = {}
+    for value in [*inferred.input, *inferred.value_info, *inferred.output]:
+        if value.type.HasField("tensor_type") and value.type.tensor_type.HasField("shape"):
+            known[value.name] = [
+                d.dim_value if d.HasField("dim_value") else None
+                for d in value.type.tensor_type.shape.dim
+            ]
+    for tensor in proto.graph.initializer:
+        known[tensor.name] = list(tensor.dims)
+    for node in targets:
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        x_shape, w_shape = known.get(node.input[0]), known.get(node.input[1])
+        label = f"ConvTranspose '{node.name or node.output[0]}'"
+        if not x_shape or not w_shape or any(d is None for d in x_shape[2:] + w_shape[2:]):
+            raise UserError(
+                f"{label} sets output_shape, which TVM ignores, and its input's spatial size is "
+                "not static; bind it with --shape"
+            )
+        rank = len(x_shape) - 2
+        kernel = list(attrs.get("kernel_shape", w_shape[2:]))
+        strides = list(attrs.get("strides", [1] * rank))
+        dilations = list(attrs.get("dilations", [1] * rank))
+        output_padding = list(attrs.get("output_padding", [0] * rank))
+        wanted = list(attrs["output_shape"])[-rank:]
+        auto_pad = attrs.get("auto_pad", b"NOTSET")
+        auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
+        begins, ends = [], []
+        for i in range(rank):
+            total = (
+                strides[i] * (x_shape[2 + i] - 1) + output_padding[i]
+                + (kernel[i] - 1) * dilations[i] + 1 - wanted[i]
+            )  # fmt: skip
+            if total < 0:
+                output_padding[i] -= total
+                total = 0
+            small, large = total // 2, total - total // 2
+            begins.append(small if auto_pad == "SAME_UPPER" else large)
+            ends.append(large if auto_pad == "SAME_UPPER" else small)
+        keep = [a for a in node.attribute if a.name not in ("output_shape", "auto_pad", "pads",
+                                                            "output_padding")]  # fmt: skip
+        del node.attribute[:]
+        node.attribute.extend(keep)
+        node.attribute.extend([
+            helper.make_attribute("pads", begins + ends),
+            helper.make_attribute("output_padding", output_padding),
+        ])  # fmt: skip
+        logger.info("%s: output_shape %s -> pads %s, output_padding %s", label, wanted,
+                    begins + ends, output_padding)  # fmt: skip
+
+
+def _modules(module) -> Iterator[Any]:
+    yield module
+    for child in module.imports:
+        yield from _modules(child)
+
+
+def _emit_source(executable, kind: str, folder: Path, out_path: Path | None) -> list[Path]:
+    """Write the generated device code: CUDA C for cuda, LLVM IR and assembly for llvm."""
+    stem = out_path.stem if out_path is not None else "model"
+    files: dict[str, str] = {}
+    for module in _modules(executable.mod):
+        if kind == "cuda" and module.kind == "cuda":
+            files[f"{stem}.cu"] = module.inspect_source()
+        elif kind == "llvm" and module.kind == "llvm":
+            files[f"{stem}.ll"] = module.inspect_source("ll")
+            files[f"{stem}.s"] = module.inspect_source("asm")
+    if not files:
+        raise UserError(f"TVM produced no {kind} code to emit")
+    folder.mkdir(exist_ok=True)
+    written = []
+    for name, text in files.items():
+        written.append(write_text_atomic(folder / name, text))
+    return written
+
+
+def _export(executable, info: LibraryInfo, out_path: Path) -> None:
+    """Export the library and its sidecar through temporary files in the destination folder."""
+    folder = out_path.parent if str(out_path.parent) else Path(".")
+    staging = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, dir=folder))
+    try:
+        staged = staging / out_path.name
+        try:
+            executable.export_library(str(staged))
+        except Exception as exc:
+            raise UserError(f"{out_path}: TVM cannot export the library: {tvm_message(exc)}")
+        info.library_sha256 = file_sha256(staged)
+        staged_sidecar = staging / sidecar_path(out_path).name
+        staged_sidecar.write_text(json.dumps(info.to_dict(), indent=2) + "\n")
+        # The sidecar names the library's sha256, so a crash between the two moves is caught
+        # at load time rather than pairing a library with the wrong description.
+        os.replace(staged, out_path)
+        os.replace(staged_sidecar, sidecar_path(out_path))
+    except OSError as exc:
+        raise UserError(f"{out_path}: cannot write: {exc.strerror or exc}")
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    logger.info("wrote %s and %s", out_path, sidecar_path(out_path))
