@@ -33,6 +33,7 @@ import importlib.util
 import json
 import logging
 import os
+import platform
 import shutil
 import struct
 import subprocess
@@ -46,7 +47,6 @@ import numpy as np
 import tvm_ffi
 
 from gconv_compile.errors import GconvError, UserError, one_line
-from gconv_compile.targets import host_can_run
 
 logger = logging.getLogger(__name__)
 
@@ -65,6 +65,43 @@ class RunFailed(GconvError):
     """The compiled model failed on inputs it accepts: a wrong result, not bad input."""
 
     exit_code = 1
+
+
+# ------------------------------------------------------------------------------- host CPU
+
+# llvm -mcpu names we choose from, most capable first, with the /proc/cpuinfo flags each needs.
+# Here, not in targets.py, so that a machine that only runs libraries needs no onnx-ir.
+X86_MCPU_FLAGS: tuple[tuple[str, frozenset[str]], ...] = (
+    ("skylake-avx512", frozenset({"avx512f", "avx512cd", "avx512bw", "avx512dq", "avx512vl"})),
+    ("haswell", frozenset({"avx2", "fma", "bmi2", "f16c"})),
+    ("x86-64", frozenset()),
+)
+
+
+def cpu_flags() -> frozenset[str]:
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("flags"):
+                    return frozenset(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return frozenset()
+
+
+def host_can_run(spec: Mapping[str, Any]) -> str | None:
+    """Why this machine cannot run code built for ``spec`` (None when it can)."""
+    mcpu = spec.get("mcpu")
+    triple = spec.get("mtriple", "")
+    machine = platform.machine().lower()
+    if triple.startswith("x86_64") and machine not in ("x86_64", "amd64"):
+        return f"it was built for x86_64 and this machine is {machine}"
+    if triple.startswith("x86_64") and mcpu:
+        needs = dict(X86_MCPU_FLAGS).get(mcpu)
+        if needs is not None and not needs <= cpu_flags():
+            missing = ", ".join(sorted(needs - cpu_flags()))
+            return f"it was built for -mcpu={mcpu} and this CPU lacks {missing}"
+    return None
 
 
 # ------------------------------------------------------------------------------- sidecar
@@ -478,7 +515,11 @@ def load(path: str | os.PathLike, *, threads: int | None = None) -> Library:
 
 
 def _prepare_cuda(library: Path, info: dict[str, Any]) -> None:
-    if not int(tvm_ffi.get_global_func("runtime.GetCudaDeviceCount")()):
+    try:
+        count = int(tvm_ffi.get_global_func("runtime.GetCudaDeviceCount")())
+    except Exception:  # no driver: the CUDA runtime cannot even count devices
+        count = 0
+    if not count:
         raise UserError(f"{library}: a CUDA library needs a GPU and none is visible")
     entry = info.get("cuda_binary") or {}
     binaries = read_cuda_binaries(library.parent / entry["file"]) if entry.get("file") else {}
