@@ -1,0 +1,1 @@
+"""Run the CUDA kernels our schedules generate on the CPU (see include/cuda_host.h)."""

@@ -1,0 +1,208 @@
+"""The CUDA kernels of our grouped and depthwise schedules compute what onnxruntime computes.
+
+No GPU: each case builds a one-conv ONNX model (seeded random weights and input, fused bias and
+epilogue), takes the CUDA C that TVM generates for it at sm_90 with the launch grid and block
+of the lowered TIR (``tvm_schedules.cuda_kernels``), compiles it with g++ and the host header
+``tests/cuda_host/include/cuda_host.h`` and runs it over its grid: blocks one after another,
+each block's threads as fibers that meet at every ``__syncthreads()``. Every barrier phase runs
+its threads first-to-last and then, in a second run, last-to-first; shared memory and the
+output start as NaN bytes. float16 models are compared with onnxruntime running the same values
+in float32.
+
+Planted bugs must fail: every barrier removed, the barrier that protects a shared tile from the
+next stage's load removed, the grid one block short, the input tile one load short.
+
+What the harness cannot execute (g++ rejects it, the case fails loudly rather than passing):
+warp shuffles and votes, atomics, inline PTX (``mma``, ``ldmatrix``, ``cp.async``), dynamic
+shared memory, textures. The schedules use none of them today; a tensor-core path would need
+the GPU kit's run on a GPU.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from builders import init, make_model, rng, tensor_info
+from onnx import TensorProto, helper
+
+pytest.importorskip("tvm")
+
+from cuda_host import harness  # noqa: E402
+
+from gconv_compile.tvm_schedules.cuda_kernels import conv_kernels  # noqa: E402
+
+if harness.compiler() is None:
+    pytest.skip("no g++ to compile the CUDA C for the CPU", allow_module_level=True)
+
+ELEM = {"float32": TensorProto.FLOAT, "float16": TensorProto.FLOAT16}
+TOL = {"float32": dict(rtol=1e-4, atol=1e-4), "float16": dict(rtol=2e-2, atol=2e-2)}
+
+
+def conv_case(c_in, c_out, size, *, group, kernel=3, stride=1, dilation=1, pads=None,
+              epilogue="relu", bias=True, dtype="float32", seed=0):  # fmt: skip
+    """A one-conv model in ``dtype``, its float32 twin for onnxruntime, and the input."""
+    r = rng(seed)
+    k = (kernel, kernel) if isinstance(kernel, int) else kernel
+    pads = pads if pads is not None else [dilation * (k[0] // 2), dilation * (k[1] // 2)] * 2
+    fan_in = c_in // group * k[0] * k[1]
+    weight = (r.standard_normal((c_out, c_in // group, *k)) / np.sqrt(fan_in)).astype(dtype)
+    values = {"W": weight, "B": r.standard_normal(c_out).astype(dtype)}
+    x = r.standard_normal((1, c_in, *size)).astype(dtype)
+
+    def model(elem_dtype: str):
+        names = ["X", "W", "B"] if bias else ["X", "W"]
+        nodes = [helper.make_node("Conv", names, ["C"], group=group, kernel_shape=list(k),
+                                  strides=[stride] * 2, dilations=[dilation] * 2, pads=pads)]  # fmt: skip
+        y = "C"
+        if epilogue in ("relu", "residual"):
+            if epilogue == "residual":
+                nodes.append(helper.make_node("Add", ["C", "X"], ["S"]))
+                y = "S"
+            nodes.append(helper.make_node("Relu", [y], ["Y"]))
+            y = "Y"
+        inits = [init(n, values[n].astype(elem_dtype)) for n in names[1:]]
+        elem = ELEM[elem_dtype]
+        outputs = [helper.make_tensor_value_info(y, elem, [None] * 4)]
+        return make_model(nodes, [tensor_info("X", list(x.shape), elem)], outputs, inits)
+
+    return model(dtype), model("float32"), x
+
+
+def reference(model_f32, x) -> np.ndarray:
+    session = ort.InferenceSession(model_f32.SerializeToString(),
+                                   providers=["CPUExecutionProvider"])  # fmt: skip
+    return session.run(None, {"X": x.astype(np.float32)})[0]
+
+
+def the_kernel(model, schedule: str):
+    kernels = conv_kernels(model)
+    assert [k.schedule for k in kernels] == [schedule], [k.detail for k in kernels]
+    return kernels[0]
+
+
+def run(kernel, x, *, source=None, grid=None, order=0) -> np.ndarray:
+    outputs = harness.build(kernel, source).run({"X": x}, order=order, grid=grid)
+    (out,) = outputs.values()
+    return out.astype(np.float32)
+
+
+GROUPED = [
+    pytest.param(dict(c_in=32, c_out=32, size=(9, 9), group=2), id="g2-9x9-odd"),
+    pytest.param(dict(c_in=32, c_out=32, size=(10, 10), group=8, stride=2), id="g8-s2"),
+    pytest.param(dict(c_in=64, c_out=64, size=(7, 7), group=16), id="g16-4ch-7x7"),
+    pytest.param(dict(c_in=16, c_out=32, size=(6, 11), group=4), id="g4-widening-6x11"),
+    pytest.param(dict(c_in=24, c_out=24, size=(12, 12), group=3, dilation=2), id="g3-dilation2"),
+    pytest.param(
+        dict(c_in=16, c_out=16, size=(8, 8), group=4, kernel=1, pads=[0] * 4), id="g4-1x1"
+    ),  # fmt: skip
+    pytest.param(
+        dict(
+            c_in=12,
+            c_out=12,
+            size=(9, 7),
+            group=2,
+            kernel=(3, 5),
+            stride=2,
+            pads=[0, 1, 2, 1],
+            epilogue="none",
+            bias=False,
+        ),
+        id="g2-3x5-s2-asym-pad",
+    ),  # fmt: skip
+    pytest.param(
+        dict(c_in=32, c_out=32, size=(8, 8), group=8, epilogue="residual"), id="g8-residual"
+    ),  # fmt: skip
+]
+DEPTHWISE = [
+    pytest.param(dict(c_in=32, c_out=32, size=(14, 14), group=32), id="dw-14x14"),
+    pytest.param(dict(c_in=16, c_out=16, size=(15, 15), group=16, stride=2), id="dw-15x15-s2"),
+    pytest.param(dict(c_in=48, c_out=48, size=(7, 7), group=48), id="dw-7x7"),
+    pytest.param(
+        dict(c_in=8, c_out=8, size=(11, 11), group=8, kernel=5, dilation=2), id="dw-5x5-dilation2"
+    ),  # fmt: skip
+]
+DTYPES = ["float32", "float16"]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", GROUPED + DEPTHWISE)
+def test_kernel_matches_onnxruntime(case, dtype):
+    model, model_f32, x = conv_case(**case, dtype=dtype)
+    schedule = "cuda-depthwise-spatial" if case["group"] == case["c_in"] == case["c_out"] else (
+        "cuda-grouped-igemm")  # fmt: skip
+    kernel = the_kernel(model, schedule)
+    ref = reference(model_f32, x)
+    for order in (0, 1):
+        np.testing.assert_allclose(run(kernel, x, order=order), ref, **TOL[dtype],
+                                   err_msg=f"{kernel.detail}, order {order}")  # fmt: skip
+
+
+def test_channel_multiplier_groups_equal_channels():
+    """groups = C_in with 2 outputs per group: the grouped kernel, one input channel per group."""
+    model, model_f32, x = conv_case(8, 16, (9, 9), group=8)
+    kernel = the_kernel(model, "cuda-grouped-igemm")
+    np.testing.assert_allclose(run(kernel, x), reference(model_f32, x), **TOL["float32"])
+
+
+# ------------------------------------------------------------------------------- planted bugs
+
+
+def _barriers(source: str) -> list[re.Match]:
+    return list(re.finditer(r"__syncthreads\(\);", source))
+
+
+def _drop(source: str, match: re.Match) -> str:
+    return source[: match.start()] + source[match.end() :]
+
+
+def _mismatch(kernel, x, ref, **edit) -> bool:
+    """True when some order of the edited kernel differs from onnxruntime."""
+    for order in (0, 1):
+        out = run(kernel, x, order=order, **edit)
+        if not np.allclose(out, ref, **TOL["float32"], equal_nan=False):
+            return True
+    return False
+
+
+PLANTED = [
+    pytest.param(dict(c_in=64, c_out=64, size=(9, 9), group=2), id="grouped-multistage"),
+    pytest.param(dict(c_in=32, c_out=32, size=(14, 14), group=32), id="depthwise"),
+]
+
+
+@pytest.mark.parametrize("case", PLANTED)
+def test_missing_barriers_fail(case):
+    model, model_f32, x = conv_case(**case)
+    kernel = the_kernel(model, "cuda-grouped-igemm" if case["group"] == 2 else
+                        "cuda-depthwise-spatial")  # fmt: skip
+    ref = reference(model_f32, x)
+    assert not _mismatch(kernel, x, ref), "the unedited kernel must match"
+    barriers = _barriers(kernel.source)
+    assert barriers, "the kernel has no barrier to remove"
+    source = kernel.source
+    for match in reversed(barriers):
+        source = _drop(source, match)
+    assert _mismatch(kernel, x, ref, source=source)
+    # each barrier alone is needed: the one before a stage's load (the previous stage may still
+    # be read) and the one after it (the stage may not be complete)
+    for match in barriers:
+        assert _mismatch(kernel, x, ref, source=_drop(kernel.source, match)), match.start()
+
+
+@pytest.mark.parametrize("case", PLANTED)
+def test_off_by_one_tiles_fail(case):
+    model, model_f32, x = conv_case(**case)
+    kernel = the_kernel(model, "cuda-grouped-igemm" if case["group"] == 2 else
+                        "cuda-depthwise-spatial")  # fmt: skip
+    ref = reference(model_f32, x)
+    short_grid = (kernel.grid[0] - 1, *kernel.grid[1:])
+    assert _mismatch(kernel, x, ref, grid=short_grid)
+    # the first cooperative copy into shared memory (TVM names its loop ax0_..._fused) one short
+    load = re.search(r"for \(int (ax0\w*) = 0; \1 < (\d+); \+\+\1\)", kernel.source)
+    assert load is not None, "no cooperative load loop found in the kernel"
+    bound = f"{load.group(1)} < {int(load.group(2)) - 1};"
+    source = kernel.source.replace(f"{load.group(1)} < {load.group(2)};", bound, 1)
+    assert _mismatch(kernel, x, ref, source=source)
