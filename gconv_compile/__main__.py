@@ -1,5 +1,8 @@
+"""``python -m gconv_compile``: the command line."""
+
 import sys
 
 from gconv_compile.cli import main
 
-sys.exit(main())
+if __name__ == "__main__":
+    sys.exit(main())

@@ -22,7 +22,8 @@ import onnx
 import onnx_ir as ir
 from onnx_ir import external_data as ir_external_data
 
-from gconv_compile.errors import UserError
+from gconv_compile.errors import UserError, one_line
+from gconv_compile.files import TMP_PREFIX
 
 logger = logging.getLogger(__name__)
 
@@ -30,8 +31,6 @@ logger = logging.getLogger(__name__)
 ORT_MAX_IR_VERSION = 13
 # Tensors above this size go to external data when the output uses it (onnx's own default).
 EXTERNAL_DATA_THRESHOLD = 1024
-
-ModelLike = "str | os.PathLike | onnx.ModelProto | ir.Model"
 
 
 @dataclasses.dataclass
@@ -84,7 +83,7 @@ def _load_path(path: Path) -> LoadedModel:
     except Exception as exc:  # protobuf raises DecodeError, RuntimeWarning, ValueError...
         if _looks_like_text(path):
             raise UserError(f"{path}: not an ONNX model (a text file, not a binary protobuf)")
-        raise UserError(f"{path}: not an ONNX model (protobuf parse failed: {_first_line(exc)})")
+        raise UserError(f"{path}: not an ONNX model (protobuf parse failed: {one_line(exc)})")
     if not proto.HasField("graph") or proto.ir_version == 0:
         if _looks_like_text(path):
             raise UserError(f"{path}: not an ONNX model (a text file, not a binary protobuf)")
@@ -133,7 +132,7 @@ def _validate_proto(
     try:
         onnx.checker.check_model(proto if checker_source is None else checker_source)
     except Exception as exc:  # ValidationError, or C++ errors surfaced as others
-        raise UserError(f"{label}: fails the ONNX checker: {_first_line(exc)}")
+        raise UserError(f"{label}: fails the ONNX checker: {one_line(exc)}")
 
 
 def _iter_tensors(graph: onnx.GraphProto) -> Iterator[onnx.TensorProto]:
@@ -207,12 +206,6 @@ def _external_files_of_ir(model: ir.Model) -> frozenset[Path]:
     return frozenset(files)
 
 
-def _first_line(exc: BaseException) -> str:
-    """The exception's message as one line (the checker spreads one sentence over several)."""
-    text = " ".join(str(exc).split()) or type(exc).__name__
-    return text if len(text) <= 300 else text[:297] + "..."
-
-
 def check_output_path(out: str | os.PathLike, loaded: LoadedModel | None = None) -> Path:
     """Refuse output paths that would overwrite the input or cannot be written."""
     out_path = Path(out)
@@ -276,7 +269,7 @@ def save_model(
             )
     parent = out_path.parent if str(out_path.parent) else Path(".")
     try:
-        staging = Path(tempfile.mkdtemp(prefix=".gconv-tmp-", dir=parent))
+        staging = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, dir=parent))
     except OSError as exc:
         raise UserError(f"{out_path}: cannot write to folder '{parent}': {exc.strerror}")
     placed_data: Path | None = None
