@@ -6,15 +6,19 @@
 from __future__ import annotations
 
 from ._common import Rewrite, Skip
+from ._geometry import ConvGeometry
 from .expand_grouped_conv import ExpandGroupedConv
 from .fold_slice_bounds import FoldSliceBounds
 from .fold_split_conv_concat import FoldSplitConvConcat
+from .resolve_conv_transpose_output_shape import ResolveConvTransposeOutputShape
 
 __all__ = [
-    "FoldSliceBounds",
-    "PASSES",
+    "ConvGeometry",
     "ExpandGroupedConv",
+    "FoldSliceBounds",
     "FoldSplitConvConcat",
+    "PASSES",
+    "ResolveConvTransposeOutputShape",
     "Rewrite",
     "Skip",
 ]
@@ -23,4 +27,5 @@ PASSES: dict[str, type] = {
     "fold-split-conv-concat": FoldSplitConvConcat,
     "fold-slice-bounds": FoldSliceBounds,
     "expand-grouped-conv": ExpandGroupedConv,
+    "resolve-conv-transpose-output-shape": ResolveConvTransposeOutputShape,
 }

@@ -10,6 +10,7 @@ by shape-only placeholders.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import onnx
@@ -22,10 +23,19 @@ _UNKNOWN = None
 
 
 class ShapeFacts:
-    """Lazily inferred shapes and constant folding of shape arithmetic."""
+    """Lazily inferred shapes and constant folding of shape arithmetic.
 
-    def __init__(self, model: ir.Model) -> None:
+    Args:
+        model: The model to read (never modified).
+        input_shapes: Concrete shapes for graph inputs whose dims are symbolic, used by shape
+            inference in their place.
+    """
+
+    def __init__(
+        self, model: ir.Model, input_shapes: Mapping[str, Sequence[int]] | None = None
+    ) -> None:
         self._model = model
+        self._input_shapes = dict(input_shapes or {})
         self._inferred: dict[str, onnx.TypeProto] | None = None
         self._const_cache: dict[int, np.ndarray | None] = {}
 
@@ -51,7 +61,7 @@ class ShapeFacts:
 
     def _inferred_types(self) -> dict[str, onnx.TypeProto]:
         if self._inferred is None:
-            self._inferred = _infer(self._model)
+            self._inferred = _infer(self._model, self._input_shapes)
         return self._inferred
 
     def int_values(self, value: ir.Value | None, depth: int = 0) -> np.ndarray | None:
@@ -208,7 +218,7 @@ _FOLDERS = {
 }
 
 
-def _infer(model: ir.Model) -> dict[str, onnx.TypeProto]:
+def _infer(model: ir.Model, input_shapes: Mapping[str, Sequence[int]]) -> dict[str, onnx.TypeProto]:
     """Run onnx shape inference on a copy; map value name -> inferred type (all graphs)."""
     saved: list[tuple[ir.Value, object]] = []
     try:
@@ -225,6 +235,12 @@ def _infer(model: ir.Model) -> dict[str, onnx.TypeProto]:
     finally:
         for value, tensor in saved:
             value.const_value = tensor
+    for value in proto.graph.input:
+        if value.name in input_shapes and value.type.HasField("tensor_type"):
+            shape = value.type.tensor_type.shape
+            shape.Clear()
+            for size in input_shapes[value.name]:
+                shape.dim.add().dim_value = int(size)
     try:
         inferred = onnx.shape_inference.infer_shapes(proto, data_prop=True)
     except Exception as exc:  # inference is best effort: matching then refuses what it can't see

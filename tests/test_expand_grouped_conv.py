@@ -12,7 +12,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 import pytest
-from gconv_compile.passes import PASSES, ExpandGroupedConv
+from gconv_compile.passes import PASSES, ConvGeometry, ExpandGroupedConv
 from gconv_compile.passes._common import const_array
 from gconv_compile.passes.expand_grouped_conv import block_diagonal_weight
 from grouped_models import (
@@ -295,6 +295,65 @@ def test_options_choose_what_expands(options, expanded, kept, mode):
     remaining = sorted(name for name, *_ in grouped_convs(model))
     assert remaining == sorted({"g2", "dw", "g4", "tg2", "tdw"} - set(expanded))
     assert_same_outputs(proto, model, seeds=(0,))
+
+
+def _wide_groups_only(node: ir.Node, geometry: ConvGeometry) -> str | None:
+    """A target's cost decision: expand only groups of at least 4 input channels."""
+    if geometry.in_per_group >= 4:
+        return None
+    return f"{geometry.in_per_group} in-channels per group: the grouped kernel is cheaper"
+
+
+@pytest.mark.parametrize("mode", ["split", "dense"])
+def test_select_predicate_decides_with_the_geometry_and_gives_the_reason(mode):
+    """The predicate sees each candidate and its geometry; a string is the skip reason."""
+    proto = conv_chain(MIXED)
+    seen: list[tuple[str, str, int, int, int]] = []
+
+    def select(node: ir.Node, geometry: ConvGeometry) -> str | None:
+        seen.append((node.name, geometry.op_type, geometry.group, geometry.in_channels,
+                     geometry.out_channels))  # fmt: skip
+        return _wide_groups_only(node, geometry)
+
+    model, expand_pass, modified = run_expand(proto, mode=mode, select=select)
+    assert modified is True
+    # Channels along MIXED: X has 8; g2 -> 8, dw -> 16, g4 -> 8, tg2 -> 8, tdw -> 8.
+    assert seen == [
+        ("g2", "Conv", 2, 8, 8),
+        ("dw", "Conv", 8, 8, 16),
+        ("g4", "Conv", 4, 16, 8),
+        ("tg2", "ConvTranspose", 2, 8, 8),
+        ("tdw", "ConvTranspose", 8, 8, 8),
+    ]
+    assert sorted(r.anchor for r in expand_pass.rewrites) == ["g2", "g4", "tg2"]
+    assert {s.anchor: s.reason for s in expand_pass.skips} == {
+        "dw": "1 in-channels per group: the grouped kernel is cheaper",
+        "tdw": "1 in-channels per group: the grouped kernel is cheaper",
+    }
+    assert sorted(name for name, *_ in grouped_convs(model)) == ["dw", "tdw"]
+    assert_same_outputs(proto, model, seeds=(0,))
+
+
+def test_select_is_asked_only_after_the_other_options():
+    asked: list[str] = []
+
+    def select(node: ir.Node, geometry: ConvGeometry) -> str | None:
+        asked.append(node.name)
+        return None
+
+    proto = conv_chain(MIXED)
+    _, expand_pass, _ = run_expand(proto, keep_depthwise=True, skip=["g4"], select=select)
+    assert asked == ["g2", "tg2"]
+    assert sorted(r.anchor for r in expand_pass.rewrites) == ["g2", "tg2"]
+
+
+def test_select_refusing_everything_leaves_the_model_alone():
+    """Expected = Before."""
+    proto = conv_chain(MIXED)
+    model, expand_pass, modified = run_expand(proto, select=lambda node, geometry: "kept")
+    assert modified is False and expand_pass.rewrites == []
+    assert [s.reason for s in expand_pass.skips] == ["kept"] * 5
+    assert serialized(model) == canonical(proto)
 
 
 def test_registered_under_kebab_case_name():
