@@ -1,0 +1,237 @@
+"""Build the GPU kit: everything a bare GPU machine needs to check and time our CUDA code.
+
+    .venv/bin/python scripts/make_gpu_kit.py [--out dist/gpu-kit] [--no-cuda]
+
+``make gpu-kit`` runs this. The kit (at most 56 MiB, checked here) holds:
+
+- ``runtime/``: the tvm-ffi wheel for CPython 3.12 x86-64, ``libtvm_runtime.so``,
+  ``libtvm_runtime_cuda.so`` and ``libcudart.so.13`` (the TVM runtime without its compiler);
+- ``kit/``: ``gpu_run.py`` and its helpers, ``resnext_model.py``, and the runtime subset of
+  ``gconv_compile`` (``errors``, ``runtime``, ``compare``);
+- ``libs/``: for each model and dtype an sm_90 library (its CUDA C compiled here with nvcc into a
+  fatbin beside it, so loading needs no CUDA compiler) and its llvm twin for the rehearsal;
+- ``models/``: the ONNX models (ResNeXt-50 is regenerated from its seed on the machine, and its
+  libraries take their weights from a file written there);
+- ``manifest.json`` and ``run.sh``.
+
+All libraries are built in this one process: TVM's CUDA build imports dlight once per process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+ROOT = Path(__file__).resolve().parents[1]
+for folder in ("gpu_kit", "benchmarks", "tests", "examples/01_chunked_conv"):
+    sys.path.insert(0, str(ROOT / folder))
+
+import kit_models  # noqa: E402
+import model as example01  # noqa: E402
+from grouped_models import zoo_model  # noqa: E402
+
+import gconv_compile  # noqa: E402
+from gconv_compile.errors import GconvError  # noqa: E402
+from gconv_compile.runtime import cuda_source_sha256, nvcc_compile, runtime_dir  # noqa: E402
+
+MAX_BYTES = 56 * 1024 * 1024
+ARCH = "sm_90"
+FFI_WHEEL = "apache_tvm_ffi-0.1.14.post1-cp312-cp312-*.whl"
+RUNTIME_LIBS = ("libtvm_runtime.so", "libtvm_runtime_cuda.so")
+KIT_SOURCES = ("gpu_kit/gpu_run.py", "gpu_kit/kit_models.py", "gpu_kit/torch_reference.py",
+               "benchmarks/resnext_model.py")  # fmt: skip
+RUNTIME_PACKAGE = ("errors.py", "runtime.py", "compare.py")
+PACKAGE_INIT = '"""The runtime subset of gconv-compile: load and run compiled libraries."""\n'
+
+
+@dataclass
+class Entry:
+    """One model in one dtype: what to compile and how the kit checks and times it."""
+
+    name: str
+    dtype: str
+    model: onnx.ModelProto
+    kind: str  # "conv": torch times F.conv2d; "model": torch runs the ONNX graph
+    conv: dict | None = None
+    generate: str | None = None  # a kit_models function that regenerates the model there
+    weights: list[str] = field(default_factory=list)
+    shapes: dict | None = None
+
+    @property
+    def stem(self) -> str:
+        return f"{self.name}.{self.dtype}"
+
+
+def entries() -> list[Entry]:
+    """The kit's models: float32 everywhere, float16 where it is cheap and in range."""
+    out: list[Entry] = []
+
+    def both(name, model, kind, conv=None, shapes=None):
+        out.append(Entry(name, "float32", model, kind, conv, shapes=shapes))
+        out.append(Entry(name, "float16", kit_models.to_float16(model), kind, conv, shapes=shapes))
+
+    both("example01", example01.build_model(), "model", shapes={"image": [1, 3, 28, 28]})
+    code_only, names = kit_models.weights_as_inputs(kit_models.resnext50())
+    out.append(Entry("resnext50", "float32", code_only, "model", generate="resnext50",
+                     weights=names))  # fmt: skip
+    for shape in kit_models.resnext_convs() + kit_models.mobilenet_convs():
+        both(shape.name, kit_models.single_conv(shape), "conv",
+             kit_models.conv_info(shape).to_dict())  # fmt: skip
+    out.append(Entry("shufflenet_v1", "float32", zoo_model("light_shufflenet"), "model"))
+    both("resnext_block_branchy", kit_models.branchy_block(), "model")
+    return out
+
+
+def build_libraries(entry: Entry, libs: Path, models: Path, binaries: CudaBinaries | None) -> dict:
+    """Compile ``entry`` for llvm (and sm_90), write its ONNX model; returns its manifest row."""
+    row = {"name": entry.name, "dtype": entry.dtype, "kind": entry.kind, "conv": entry.conv,
+           "libraries": {}, "reduction": kit_models.reduction_depth(entry.model)}  # fmt: skip
+    if entry.generate:
+        row["generate"] = {"function": entry.generate, "seed": kit_models.SEED}
+    else:
+        onnx.save(entry.model, models / f"{entry.stem}.onnx")
+        row["onnx"] = f"models/{entry.stem}.onnx"
+    targets = ["llvm", "cuda"] if binaries is not None else ["llvm"]
+    for target in targets:
+        library = libs / f"{entry.stem}.{target}.so"
+        compiled = gconv_compile.compile(
+            entry.model, target, output=library, arch=ARCH if target == "cuda" else None,
+            check=entry.dtype == "float32" and not entry.weights, shapes=entry.shapes,
+        )  # fmt: skip
+        extra = {}
+        if entry.weights:
+            extra["weights"] = {"file": f"{entry.stem}.weights.npz", "names": entry.weights,
+                                "written_by": "gpu_run.py from kit_models."
+                                f"{entry.generate}(seed={kit_models.SEED})"}  # fmt: skip
+        if target == "cuda":
+            sources = [m.inspect_source() for m in _modules(compiled.executable.mod)
+                       if m.kind == "cuda"]  # fmt: skip
+            binary = libs / f"{library.name}.fatbin.npz"
+            binaries.add(binary, sources)
+            extra["cuda_binary"] = {"file": binary.name, "arch": ARCH, "format": "fatbin",
+                                    "compiler": "nvcc", "sources": len(sources)}  # fmt: skip
+        _amend_sidecar(library, entry, extra)
+        row["libraries"][target] = f"libs/{library.name}"
+    return row
+
+
+class CudaBinaries:
+    """nvcc runs in worker threads while TVM builds the next model; one .npz per library."""
+
+    def __init__(self, executor: concurrent.futures.Executor) -> None:
+        self.executor = executor
+        self.jobs: dict[Path, list] = {}
+
+    def add(self, binary: Path, sources: list[str]) -> None:
+        self.jobs[binary] = [
+            (cuda_source_sha256(s), self.executor.submit(nvcc_compile, s, ARCH)) for s in sources
+        ]
+
+    def write(self) -> None:
+        for binary, jobs in self.jobs.items():
+            arrays = {key: np.frombuffer(job.result(), dtype=np.uint8) for key, job in jobs}
+            np.savez_compressed(binary, **arrays)
+
+
+def _modules(module):
+    yield module
+    for child in module.imports:
+        yield from _modules(child)
+
+
+def _amend_sidecar(library: Path, entry: Entry, extra: dict) -> None:
+    """Add the weights file and prebuilt CUDA binaries to the sidecar (its sha256 is the .so's,
+    so the library still matches). Weight inputs leave the input list: load() feeds them."""
+    side = Path(str(library) + ".json")
+    data = json.loads(side.read_text())
+    data["inputs"] = [t for t in data["inputs"] if t["name"] not in set(entry.weights)]
+    data.update(extra)
+    side.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def copy_runtime(out: Path, wheels: Path) -> None:
+    """The tvm-ffi cp312 wheel and the TVM runtime libraries (no compiler)."""
+    runtime = out / "runtime"
+    runtime.mkdir()
+    found = sorted(wheels.glob(FFI_WHEEL))
+    if not found:
+        raise SystemExit(
+            f"make_gpu_kit: no {FFI_WHEEL} in {wheels}; `make gpu-kit` downloads it with "
+            "pip download apache-tvm-ffi==0.1.14.post1 --python-version 3.12 --only-binary=:all:"
+        )
+    shutil.copy(found[-1], runtime)
+    for name in RUNTIME_LIBS:
+        shutil.copy(runtime_dir() / name, runtime)
+    cudart = Path(os.environ["CUDA_PATH"]) / "lib" / "libcudart.so.13"
+    if not cudart.is_file():
+        cudart = Path(os.environ["CUDA_PATH"]) / "lib64" / "libcudart.so.13"
+    shutil.copy(cudart, runtime)
+
+
+def copy_sources(out: Path) -> None:
+    kit = out / "kit"
+    (kit / "gconv_compile").mkdir(parents=True)
+    for source in KIT_SOURCES:
+        shutil.copy(ROOT / source, kit)
+    for name in RUNTIME_PACKAGE:
+        shutil.copy(ROOT / "gconv_compile" / name, kit / "gconv_compile")
+    (kit / "gconv_compile" / "__init__.py").write_text(PACKAGE_INIT)
+    shutil.copy(ROOT / "gpu_kit" / "run.sh", out)
+
+
+def kit_size(out: Path) -> int:
+    return sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=ROOT / "dist" / "gpu-kit")
+    parser.add_argument("--wheels", type=Path, default=ROOT / "build" / "wheels")
+    parser.add_argument("--no-cuda", action="store_true", help="llvm twins only (quick tries)")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("CUDA_PATH", "/usr/local/cuda")
+    started = time.perf_counter()
+    if args.out.exists():
+        shutil.rmtree(args.out)
+    libs, models = args.out / "libs", args.out / "models"
+    libs.mkdir(parents=True)
+    models.mkdir()
+    copy_runtime(args.out, args.wheels)
+    copy_sources(args.out)
+    rows = []
+    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as executor:
+        binaries = None if args.no_cuda else CudaBinaries(executor)
+        for entry in entries():
+            print(f"build {entry.stem}", flush=True)
+            try:
+                rows.append(build_libraries(entry, libs, models, binaries))
+            except GconvError as error:
+                print(f"make_gpu_kit: {entry.stem}: {error}", file=sys.stderr)
+                return 2
+        if binaries is not None:
+            binaries.write()
+    manifest = {"format": "gconv-gpu-kit/1", "arch": ARCH, "built": time.strftime("%Y-%m-%d"),
+                "models": rows}  # fmt: skip
+    (args.out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
+    size = kit_size(args.out)
+    minutes = (time.perf_counter() - started) / 60
+    print(f"make_gpu_kit: {args.out}: {len(rows)} models, {size / 2**20:.1f} MiB "
+          f"(limit {MAX_BYTES / 2**20:.0f} MiB), built in {minutes:.1f} min")  # fmt: skip
+    if size > MAX_BYTES:
+        print(f"make_gpu_kit: the kit is {size / 2**20:.1f} MiB, over the limit", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
