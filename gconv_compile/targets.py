@@ -256,14 +256,26 @@ def expand_passes(
 
 
 def _cuda_dense_passes(plan: PassPlan, model: ir.Model) -> list[ExpandGroupedConv]:
-    """The dense expansion of the grouped convs :func:`choose_cuda_conv_forms` makes dense."""
+    """The dense expansion of the grouped convs :func:`choose_cuda_conv_forms` makes dense.
+
+    The decision is made on the model as the passes before left it (folded), and passed to
+    the expand pass as its ``select`` predicate; no pass runs when no conv goes dense.
+    """
     forms = choose_cuda_conv_forms(model)
     plan.conv_forms.extend(forms)
+    why = {f["node"]: f["why"] for f in forms}
     dense = {f["node"] for f in forms if f["form"] == "dense-blockdiag"}
     if not dense:
         return []
-    others = {f["node"] for f in forms} - dense
-    return [ExpandGroupedConv(mode="dense", skip=others, op_types=("Conv",))]
+
+    def select(conv: ir.Node, geometry) -> str | None:
+        if conv.name in dense:
+            return None
+        if conv.name in why:
+            return f"grouped kernel kept: {why[conv.name]}"
+        return "grouped kernel kept: dense pays only for 2-4 wide groups"
+
+    return [ExpandGroupedConv(mode="dense", op_types=("Conv",), select=select)]
 
 
 # ------------------------------------------------------------------------------- CUDA forms

@@ -75,3 +75,36 @@ def test_dense_form_computes_the_same_in_onnxruntime(tmp_path):
     report = Report("compile")
     run_checked(loaded, dense, report)
     assert report.check is not None and report.check.passed
+
+
+def test_only_the_convs_chosen_dense_are_expanded():
+    """A group-8 conv beside a dense-chosen group-2 one keeps its grouped kernel."""
+    import onnx_ir as ir
+
+    from gconv_compile.targets import passes_for_target
+
+    r = np.random.default_rng(1)
+    weights = {
+        "W2": (r.standard_normal((128, 64, 1, 1)) / 8).astype("float16"),
+        "W8": (r.standard_normal((128, 16, 1, 1)) / 4).astype("float16"),
+    }
+    graph = helper.make_graph(
+        [helper.make_node("Conv", ["X", "W2"], ["H"], name="g2", group=2),
+         helper.make_node("Conv", ["H", "W8"], ["Y"], name="g8", group=8)],
+        "g",
+        [helper.make_tensor_value_info("X", TensorProto.FLOAT16, [1, 128, 4, 4])],
+        [helper.make_tensor_value_info("Y", TensorProto.FLOAT16, [1, 128, 4, 4])],
+        [onnx.numpy_helper.from_array(w, name) for name, w in weights.items()],
+    )  # fmt: skip
+    model = ir.serde.deserialize_model(
+        helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    )
+    plan = passes_for_target("compile", "cuda")
+    rewrites, skips = plan(model)
+    assert [(f["node"], f["form"]) for f in plan.conv_forms] == [("g2", "dense-blockdiag")]
+    assert [r.anchor for r in rewrites if r.pass_name == "expand-grouped-conv"] == ["g2"]
+    assert [(s.anchor, s.reason) for s in skips if s.anchor == "g8"] == [
+        ("g8", "grouped kernel kept: dense pays only for 2-4 wide groups")
+    ]
+    kept = [n for n in model.graph if n.name == "g8"]
+    assert len(kept) == 1 and kept[0].attributes["group"].as_int() == 8
