@@ -47,3 +47,21 @@ def test_check_failure_exits_1_writes_report_not_output(command, tmp_path, monke
     assert data["check"]["passed"] is False
     assert data["check"]["outputs"][0]["max_abs_error"] > 1e-3
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "r.json"]
+
+
+@pytest.mark.parametrize("mask", [0o022, 0o077, 0o002], ids=["022", "077", "002"])
+def test_report_and_output_get_the_umask_mode(tmp_path, mask):
+    """Every output is written like `open(path, "w")` would: mode 0o666 & ~umask."""
+    import os
+
+    model = tmp_path / "m.onnx"
+    onnx.save(split_conv_concat(), model)
+    old = os.umask(mask)
+    try:
+        code = cli.main(["optimize", str(model), "-o", str(tmp_path / "o.onnx"),
+                         "--report", str(tmp_path / "r.json")])  # fmt: skip
+    finally:
+        os.umask(old)
+    assert code == 0
+    for name in ("r.json", "o.onnx"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~mask, name
