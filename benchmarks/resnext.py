@@ -36,6 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from resnext_model import build_resnext50, single_conv_model, stage_convs  # noqa: E402
 
+from gconv_compile.files import write_text_atomic  # noqa: E402
+
 
 def median_ms(fn, repeat: int, warmup: int = 3) -> float:
     for _ in range(warmup):
@@ -163,7 +165,6 @@ def main(argv: list[str] | None = None) -> int:
 
     target = tvm.target.Target(tvm_schedules.host_target(args.threads))
     rows: list[tuple[str, str, str, str, str, str]] = []
-    x = np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype(np.float32)
 
     def add(
         name: str, ort_ms: float, tvm_ms: float | None, err: float | None, note: str = ""
@@ -178,65 +179,79 @@ def main(argv: list[str] | None = None) -> int:
         )
 
     if not args.skip_model:
-        grouped = build_resnext50("grouped")
-        ort_run = ort_runner(grouped, args.threads)
-        ref = ort_run(x)
-        run, decisions = tvm_runner(grouped, target)
-        convs = sum(
-            d.schedule.startswith("cpu-") and d.schedule.endswith("-conv") for d in decisions
-        )
-        ort_ms, tvm_ms = paired_ms(lambda: ort_run(x), lambda: run(x), args.repeat)
-        add("ResNeXt-50 grouped, default", ort_ms, tvm_ms, rel_err(run(x), ref),
-            f"{convs} conv functions scheduled")  # fmt: skip
-        if args.tune_trials or args.tune_db:
-            db = args.tune_db or "tune_db"
-            if args.tune_trials:
-                _tune(grouped, target, args.tune_trials, db)
-            run_t, _ = tvm_runner(grouped, target, db_dir=db)
-            ort_ms, tuned_ms = paired_ms(lambda: ort_run(x), lambda: run_t(x), args.repeat)
-            add("ResNeXt-50 grouped, tuned", ort_ms, tuned_ms, rel_err(run_t(x), ref),
-                f"{args.tune_trials} trials, db {db}")  # fmt: skip
-        branchy = build_resnext50("branchy")
-        ort_b = ort_runner(branchy, args.threads)
-        folded, n_folds = fold(branchy)
-        run_f, _ = tvm_runner(folded, target)
-        ort_b_ms, folded_ms = paired_ms(lambda: ort_b(x), lambda: run_f(x), args.repeat)
-        add("ResNeXt-50 branchy, folded", ort_b_ms, folded_ms, rel_err(run_f(x), ref),
-            f"ort runs the branchy model; TVM the folded one ({n_folds} folds)")  # fmt: skip
-        native_ms, folded_ms = paired_ms(lambda: run(x), lambda: run_f(x), args.repeat)
-        rows.append(("TVM folded branchy vs TVM native", f"{native_ms:.2f}", f"{folded_ms:.2f}",
-                     f"{folded_ms / native_ms:.2f}x", "-", "first column: TVM on the native model"))  # fmt: skip
-        print(
-            f"TVM folded / native: {folded_ms:.2f} / {native_ms:.2f} ms = {folded_ms / native_ms:.2f}x"
-        )
+        _time_models(args, target, add, rows)
     if not args.skip_convs:
-        for shape in stage_convs():
-            model = single_conv_model(shape)
-            xc = np.random.default_rng(1).standard_normal(
-                (1, shape.in_channels, shape.size, shape.size)
-            )
-            xc = xc.astype(np.float32)
-            ort_c = ort_runner(model, args.threads)
-            ref_c = ort_c(xc)
-            run_c, decisions = tvm_runner(model, target)
-            ort_ms, tvm_ms = paired_ms(lambda: ort_c(xc), lambda: run_c(xc), args.repeat * 5)  # noqa: B023
-            note = (
-                f"{shape.macs / 1e6:.1f} MMAC; {decisions[0].detail.split(': ', 1)[-1]}"
-                if decisions
-                else ""
-            )
-            add(
-                f"{shape.name} {shape.in_channels}ch {shape.size}px",
-                ort_ms,
-                tvm_ms,
-                rel_err(run_c(xc), ref_c),
-                note,
-            )
-            if args.stock:
-                run_s, _ = tvm_runner(model, target, stock=True)
-                add(f"{shape.name} (TVM stock pipeline)", ort_ms, median_ms(lambda: run_s(xc), 3, 1),  # noqa: B023
-                    rel_err(run_s(xc), ref_c))  # fmt: skip
+        _time_stage_convs(args, target, add)
+    _print_table(args, target, rows, argv)
+    return 0
 
+
+def _time_models(args, target, add, rows) -> None:
+    """The whole ResNeXt-50: grouped (default and tuned) and branchy folded."""
+    x = np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype(np.float32)
+    grouped = build_resnext50("grouped")
+    ort_run = ort_runner(grouped, args.threads)
+    ref = ort_run(x)
+    run, decisions = tvm_runner(grouped, target)
+    convs = sum(d.schedule.startswith("cpu-") and d.schedule.endswith("-conv") for d in decisions)
+    ort_ms, tvm_ms = paired_ms(lambda: ort_run(x), lambda: run(x), args.repeat)
+    add("ResNeXt-50 grouped, default", ort_ms, tvm_ms, rel_err(run(x), ref),
+        f"{convs} conv functions scheduled")  # fmt: skip
+    if args.tune_trials or args.tune_db:
+        db = args.tune_db or "tune_db"
+        if args.tune_trials:
+            _tune(grouped, target, args.tune_trials, db)
+        run_t, _ = tvm_runner(grouped, target, db_dir=db)
+        ort_ms, tuned_ms = paired_ms(lambda: ort_run(x), lambda: run_t(x), args.repeat)
+        add("ResNeXt-50 grouped, tuned", ort_ms, tuned_ms, rel_err(run_t(x), ref),
+            f"{args.tune_trials} trials, db {db}")  # fmt: skip
+    branchy = build_resnext50("branchy")
+    ort_b = ort_runner(branchy, args.threads)
+    folded, n_folds = fold(branchy)
+    run_f, _ = tvm_runner(folded, target)
+    ort_b_ms, folded_ms = paired_ms(lambda: ort_b(x), lambda: run_f(x), args.repeat)
+    add("ResNeXt-50 branchy, folded", ort_b_ms, folded_ms, rel_err(run_f(x), ref),
+        f"ort runs the branchy model; TVM the folded one ({n_folds} folds)")  # fmt: skip
+    native_ms, folded_ms = paired_ms(lambda: run(x), lambda: run_f(x), args.repeat)
+    rows.append(("TVM folded branchy vs TVM native", f"{native_ms:.2f}", f"{folded_ms:.2f}",
+                 f"{folded_ms / native_ms:.2f}x", "-", "first column: TVM on the native model"))  # fmt: skip
+    print(
+        f"TVM folded / native: {folded_ms:.2f} / {native_ms:.2f} ms = {folded_ms / native_ms:.2f}x"
+    )
+
+
+def _time_stage_convs(args, target, add) -> None:
+    """Each stage's grouped conv alone (and TVM's stock pipeline with --stock)."""
+    for shape in stage_convs():
+        model = single_conv_model(shape)
+        xc = np.random.default_rng(1).standard_normal(
+            (1, shape.in_channels, shape.size, shape.size)
+        )
+        xc = xc.astype(np.float32)
+        ort_c = ort_runner(model, args.threads)
+        ref_c = ort_c(xc)
+        run_c, decisions = tvm_runner(model, target)
+        ort_ms, tvm_ms = paired_ms(lambda: ort_c(xc), lambda: run_c(xc), args.repeat * 5)  # noqa: B023
+        note = (
+            f"{shape.macs / 1e6:.1f} MMAC; {decisions[0].detail.split(': ', 1)[-1]}"
+            if decisions
+            else ""
+        )
+        add(
+            f"{shape.name} {shape.in_channels}ch {shape.size}px",
+            ort_ms,
+            tvm_ms,
+            rel_err(run_c(xc), ref_c),
+            note,
+        )
+        if args.stock:
+            run_s, _ = tvm_runner(model, target, stock=True)
+            add(f"{shape.name} (TVM stock pipeline)", ort_ms, median_ms(lambda: run_s(xc), 3, 1),  # noqa: B023
+                rel_err(run_s(xc), ref_c))  # fmt: skip
+
+
+def _print_table(args, target, rows, argv) -> None:
+    """The table with the machine, date and command that made it (and --markdown's file)."""
     load = os.getloadavg()
     header = (
         f"Machine: {platform.processor() or platform.machine()}, {_cpu_name()}, {os.cpu_count()} cores; "
@@ -256,7 +271,6 @@ def main(argv: list[str] | None = None) -> int:
         _write_markdown(
             args.markdown, header.replace("\n", "  \n") + "\n\n" + "\n".join(table) + "\n"
         )
-    return 0
 
 
 START, END = "<!-- resnext-table:start -->", "<!-- resnext-table:end -->"
@@ -271,9 +285,7 @@ def _write_markdown(path: Path, block: str) -> None:
         text = f"{head}{START}\n{block}{END}{tail}"
     else:
         text = f"{START}\n{block}{END}\n"
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_text_atomic(path, text)
 
 
 def _tune(model, target, trials: int, db: str) -> None:

@@ -154,15 +154,6 @@ def verify(
     report = Report("verify", input=str(loaded.path) if loaded.path else None)
     timings: dict[str, float] = {}
     report.extra["timings"] = timings
-
-    if library is not None and target is not None:
-        raise UserError("give --lib or --target, not both")
-    if not seeds and inputs is None:
-        raise UserError("--seeds must be at least 1")
-    loaded = load_model(model)
-    report = Report("verify", input=str(loaded.path) if loaded.path else None)
-    timings: dict[str, float] = {}
-    report.extra["timings"] = timings
     # Everything that can be bad input is checked before the slow parts run.
     info, kind, specs = _candidate_target(loaded, library, target, ignore_fingerprint)
     report.target = kind
@@ -178,6 +169,24 @@ def verify(
         candidate = f"TVM {kind} build (compiled now) on {runner.device_name}"
     timings["candidate_load_s"] = time.perf_counter() - started
 
+    references, reference, stats = _compare(loaded, runner, feeds_list, kind, report, atol, rtol)
+    shapes_fed = {name: list(value.shape) for name, value in feeds_list[0].items()}
+    check = CheckResult(stats, seed_list, shapes_fed, reference=reference, candidate=candidate)
+    report.check = check
+    return Verification(check, report, reference, candidate)
+
+
+def _compare(
+    loaded: LoadedModel,
+    runner: Runner,
+    feeds_list: Sequence[Mapping[str, np.ndarray]],
+    kind: str,
+    report: Report,
+    atol: float | None,
+    rtol: float | None,
+) -> tuple[list[dict[str, np.ndarray]], str, list[OutputStats]]:
+    """Run the reference and the candidate on every input set and compare them."""
+    timings = report.extra["timings"]
     started = time.perf_counter()
     references, reference, warning = run_reference(loaded, feeds_list, on_gpu=kind == "cuda")
     if warning:
@@ -187,7 +196,6 @@ def verify(
     started = time.perf_counter()
     candidates, failure = _run_candidate(runner, feeds_list)
     timings["candidate_run_s"] = time.perf_counter() - started
-
     if failure is not None:
         stats = [OutputStats.failed(name, failure, value) for name, value in references[0].items()]
     else:
@@ -195,10 +203,7 @@ def verify(
         stats = compare_results(
             references, candidates, atol=atol, rtol=rtol, tolerances=tolerances, scale_atol=True
         )
-    shapes_fed = {name: list(value.shape) for name, value in feeds_list[0].items()}
-    check = CheckResult(stats, seed_list, shapes_fed, reference=reference, candidate=candidate)
-    report.check = check
-    return Verification(check, report, reference, candidate)
+    return references, reference, stats
 
 
 def _candidate_target(

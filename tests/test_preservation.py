@@ -29,6 +29,8 @@ CUSTOM_DOMAIN = "com.vendor.fancy"
 
 
 def _rich_model(*, custom_op: bool = False, seed: int = 0) -> onnx.ModelProto:
+    """One model holding every kind of thing a rewrite must keep (long on purpose: the inventory
+    reads top to bottom in one place, and each test asserts on part of it)."""
     r = np.random.default_rng(seed)
     w0 = r.standard_normal((4, 4, 3, 3)).astype(np.float32)
     w1 = r.standard_normal((4, 4, 3, 3)).astype(np.float32)

@@ -102,9 +102,7 @@ def tune(
             a loaded 2-core machine).
         run_timeout_s: Per-candidate run limit.
     """
-    from tvm.ir.utils import derived_object
-    from tvm.s_tir import meta_schedule as ms
-    from tvm.s_tir.meta_schedule.measure_callback import PyMeasureCallback
+    from tvm.s_tir import meta_schedule as ms  # MetaSchedule loads only when tuning
 
     target = Target(target) if not isinstance(target, Target) else target
     summary = TuneSummary(cost_model=_cost_model())
@@ -126,13 +124,43 @@ def tune(
         return summary
     per_task = max_trials_per_task or max(1, math.ceil(trials / len(todo)))
     total = min(trials, per_task * len(todo))
+    measured = _tune_tasks(
+        todo, database, summary.cost_model, db_dir=db_dir, total=total, per_task=per_task,
+        progress=progress, build_timeout_s=build_timeout_s, run_timeout_s=run_timeout_s,
+    )  # fmt: skip
+    if progress and measured < total:
+        progress(total, total, 0.0)  # MetaSchedule stops early when a space is exhausted
+    summary.tuned = [t.task_name for t in todo]
+    summary.trials = measured
+    summary.seconds = time.perf_counter() - started
+    logger.info("%s", summary.line())
+    return summary
+
+
+def _tune_tasks(
+    todo: list,
+    database,
+    cost_model: str,
+    *,
+    db_dir: str | os.PathLike,
+    total: int,
+    per_task: int,
+    progress: Progress | None,
+    build_timeout_s: float,
+    run_timeout_s: float,
+) -> int:
+    """Run MetaSchedule on the tasks ``todo``; returns how many candidates were measured."""
+    from tvm.ir.utils import derived_object  # MetaSchedule loads only when tuning
+    from tvm.s_tir import meta_schedule as ms
+    from tvm.s_tir.meta_schedule.measure_callback import PyMeasureCallback
+
+    measured = {"n": 0}
     # MetaSchedule's loggers print every round to stdout; its log files in db_dir/logs keep
     # them, and the caller's progress callback is what a person watches.
     with open(os.devnull, "w") as quiet, contextlib.redirect_stdout(quiet):
         contexts, weights = ms.relax_integration.extracted_tasks_to_tune_contexts(
             todo, work_dir=str(db_dir), num_threads="physical"
         )
-        measured = {"n": 0}
         tune_started = time.perf_counter()
 
         @derived_object
@@ -160,18 +188,12 @@ def tune(
             max_trials_per_task=per_task,
             num_trials_per_iter=max(4, min(64, per_task)),
             database=database,
-            cost_model=summary.cost_model,
+            cost_model=cost_model,
             measure_callbacks=callbacks,
             builder=builder,
             runner=runner,
         )
-    if progress and measured["n"] < total:
-        progress(total, total, 0.0)  # MetaSchedule stops early when a space is exhausted
-    summary.tuned = [t.task_name for t in todo]
-    summary.trials = measured["n"]
-    summary.seconds = time.perf_counter() - started
-    logger.info("%s", summary.line())
-    return summary
+    return measured["n"]
 
 
 def apply_database(
