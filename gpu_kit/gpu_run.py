@@ -50,7 +50,7 @@ need("tvm_ffi")
 
 import onnx  # noqa: E402
 import onnxruntime as ort  # noqa: E402
-from kit_models import float16_tolerance, resnext50, to_float32  # noqa: E402
+from kit_models import float16_tolerance, generate, to_float32  # noqa: E402
 from onnx import numpy_helper  # noqa: E402
 
 from gconv_compile.compare import TVM_TOLERANCES, compare_results  # noqa: E402
@@ -58,7 +58,6 @@ from gconv_compile.errors import GconvError  # noqa: E402
 from gconv_compile.runtime import load  # noqa: E402
 
 SEEDS = (0, 1)
-GENERATORS = {"resnext50": resnext50}
 
 
 class Timer:
@@ -98,12 +97,12 @@ def host_copy_gbps(megabytes: int = 256, runs: int = 10) -> float:
 
 
 def reference_model(row: dict, library: Path) -> onnx.ModelProto:
-    """The ONNX model the library was built from; a generated one also writes its weights."""
+    """The ONNX model the library was built from. A generated one is made here from its seed,
+    and its weights are written where the library's sidecar says ``load()`` reads them."""
     if "onnx" in row:
         return onnx.load(KIT / row["onnx"])
-    model = GENERATORS[row["generate"]["function"]](seed=row["generate"]["seed"])
-    side = json.loads(Path(str(library) + ".json").read_text())
-    entry = side["weights"]
+    model = generate(row["generate"], row["dtype"])
+    entry = json.loads(Path(str(library) + ".json").read_text())["weights"]
     arrays = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
     np.savez(library.parent / entry["file"], **{name: arrays[name] for name in entry["names"]})
     return model

@@ -85,6 +85,27 @@ def resnext50(seed: int = SEED) -> onnx.ModelProto:
     return build_resnext50("grouped", seed=seed, batch=1, size=224)
 
 
+def generate(spec: dict, dtype: str) -> onnx.ModelProto:
+    """The model a manifest row describes as ``{"function", "args", "seed"}``, in ``dtype``."""
+    function, args, seed = spec["function"], spec.get("args", {}), spec["seed"]
+    if function == "single_conv":
+        model = single_conv(ConvShape(**args), seed)
+    elif function == "resnext50":
+        model = resnext50(seed)
+    else:
+        raise ValueError(f"no model generator {function!r}")
+    return to_float16(model) if dtype == "float16" else model
+
+
+def generator_spec(shape: ConvShape | None = None) -> dict:
+    """What :func:`generate` needs to remake a single conv (or ResNeXt-50 when None)."""
+    if shape is None:
+        return {"function": "resnext50", "seed": SEED}
+    fields = ("name", "in_channels", "out_channels", "size", "kernel", "stride", "group")
+    return {"function": "single_conv", "args": {f: getattr(shape, f) for f in fields},
+            "seed": SEED}  # fmt: skip
+
+
 def weights_as_inputs(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
     """The same model with every float initializer turned into a graph input (after the data
     inputs), so a library built from it holds code only; returns it and the weight names."""
