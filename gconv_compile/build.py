@@ -148,7 +148,7 @@ def compile(  # noqa: A001 - the public name the API promises
 
     inputs, outputs = _tensor_specs(loaded.model, request.shapes)
     started = time.perf_counter()
-    mod = _import_relax(loaded.model, request.shapes)
+    mod = _import_relax(loaded.model, request.shapes, spec["kind"])
     timings["import_s"] = time.perf_counter() - started
     executable = _build(
         mod, spec, inputs, report, tune_trials=tune_trials, tune_db=tune_db,
@@ -336,13 +336,21 @@ def _check_source_dir(path: str | os.PathLike) -> Path:
     return folder
 
 
-def _import_relax(model: ir.Model, shapes: Mapping[str, Sequence[int]]):
-    """ONNX -> Relax. Only the inputs the user bound get a shape; the rest stay symbolic."""
+def _import_relax(model: ir.Model, shapes: Mapping[str, Sequence[int]], kind: str):
+    """ONNX -> Relax. Only the inputs the user bound get a shape; the rest stay symbolic.
+
+    The importer's own passes run first, on the model (after the check: they change how the
+    model says something, not what it computes).
+    """
     from tvm.relax.frontend.onnx import from_onnx  # see the module docstring
 
+    _, refusals = passes_for_target("import", kind, input_shapes=shapes)(model)
+    if refusals:
+        raise UserError(
+            f"{refusals[0].reason}, and TVM ignores output_shape; bind it with --shape"
+        )
     ir.external_data.load_to_model(model)  # TVM reads tensors from the proto, not from files
     proto = ir.serde.serialize_model(model)
-    _resolve_conv_transpose_output_shape(proto, shapes)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
@@ -352,87 +360,6 @@ def _import_relax(model: ir.Model, shapes: Mapping[str, Sequence[int]]):
     for warning in caught:
         logger.info("TVM import: %s", str(warning.message).splitlines()[0])
     return mod
-
-
-def _resolve_conv_transpose_output_shape(
-    proto: onnx.ModelProto, shapes: Mapping[str, Sequence[int]]
-) -> None:
-    """Turn ConvTranspose ``output_shape`` into explicit ``pads``/``output_padding``.
-
-    TVM 0.27's importer ignores ``output_shape`` and silently returns the natural output size.
-    The ONNX rule: total_padding = stride * (in - 1) + output_padding + (kernel - 1) * dilation
-    + 1 - output_shape, split as auto_pad says (SAME_UPPER puts the larger half at the end);
-    a negative total means the output is larger than the natural one, i.e. output_padding.
-    Needs the input's spatial size, so it must be static (or bound with ``shapes``).
-    """
-    from onnx import helper
-
-    targets = [
-        node for node in proto.graph.node
-        if node.op_type == "ConvTranspose" and any(a.name == "output_shape" for a in node.attribute)
-    ]  # fmt: skip
-    if not targets:
-        return
-    probe = onnx.ModelProto()
-    probe.CopyFrom(proto)
-    for value in probe.graph.input:
-        if value.name in shapes:
-            dims = value.type.tensor_type.shape.dim
-            for dim, size in zip(dims, shapes[value.name]):
-                dim.Clear()
-                dim.dim_value = int(size)
-    try:
-        inferred = onnx.shape_inference.infer_shapes(probe).graph
-    except Exception:  # inference is best effort; unknown shapes are reported below
-        inferred = probe.graph
-    known: dict[str, list[int | None]] = {}
-    for value in [*inferred.input, *inferred.value_info, *inferred.output]:
-        if value.type.HasField("tensor_type") and value.type.tensor_type.HasField("shape"):
-            known[value.name] = [
-                d.dim_value if d.HasField("dim_value") else None
-                for d in value.type.tensor_type.shape.dim
-            ]
-    for tensor in proto.graph.initializer:
-        known[tensor.name] = list(tensor.dims)
-    for node in targets:
-        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
-        x_shape, w_shape = known.get(node.input[0]), known.get(node.input[1])
-        label = f"ConvTranspose '{node.name or node.output[0]}'"
-        if not x_shape or not w_shape or any(d is None for d in x_shape[2:] + w_shape[2:]):
-            raise UserError(
-                f"{label} sets output_shape, which TVM ignores, and its input's spatial size is "
-                "not static; bind it with --shape"
-            )
-        rank = len(x_shape) - 2
-        kernel = list(attrs.get("kernel_shape", w_shape[2:]))
-        strides = list(attrs.get("strides", [1] * rank))
-        dilations = list(attrs.get("dilations", [1] * rank))
-        output_padding = list(attrs.get("output_padding", [0] * rank))
-        wanted = list(attrs["output_shape"])[-rank:]
-        auto_pad = attrs.get("auto_pad", b"NOTSET")
-        auto_pad = auto_pad.decode() if isinstance(auto_pad, bytes) else auto_pad
-        begins, ends = [], []
-        for i in range(rank):
-            total = (
-                strides[i] * (x_shape[2 + i] - 1) + output_padding[i]
-                + (kernel[i] - 1) * dilations[i] + 1 - wanted[i]
-            )  # fmt: skip
-            if total < 0:
-                output_padding[i] -= total
-                total = 0
-            small, large = total // 2, total - total // 2
-            begins.append(small if auto_pad == "SAME_UPPER" else large)
-            ends.append(large if auto_pad == "SAME_UPPER" else small)
-        keep = [a for a in node.attribute if a.name not in ("output_shape", "auto_pad", "pads",
-                                                            "output_padding")]  # fmt: skip
-        del node.attribute[:]
-        node.attribute.extend(keep)
-        node.attribute.extend([
-            helper.make_attribute("pads", begins + ends),
-            helper.make_attribute("output_padding", output_padding),
-        ])  # fmt: skip
-        logger.info("%s: output_shape %s -> pads %s, output_padding %s", label, wanted,
-                    begins + ends, output_padding)  # fmt: skip
 
 
 def _modules(module) -> Iterator[Any]:

@@ -26,7 +26,12 @@ from typing import Any
 import onnx_ir as ir
 
 from gconv_compile.errors import UserError
-from gconv_compile.passes import ExpandGroupedConv, FoldSliceBounds, FoldSplitConvConcat
+from gconv_compile.passes import (
+    ExpandGroupedConv,
+    FoldSliceBounds,
+    FoldSplitConvConcat,
+    ResolveConvTransposeOutputShape,
+)
 from gconv_compile.passes._common import const_array
 from gconv_compile.passes.expand_grouped_conv import MODES
 from gconv_compile.profiles import Profile, load_profile
@@ -34,7 +39,8 @@ from gconv_compile.profiles import Profile, load_profile
 TARGET_KINDS = ("llvm", "cuda")
 # Only used for code generation: the CUDA C in a library is compiled for the GPU it runs on.
 DEFAULT_CUDA_ARCH = "sm_80"
-COMMANDS = ("optimize", "expand", "compile")
+# "import": what TVM's ONNX importer needs on every build, optimised or not (see build.py).
+COMMANDS = ("optimize", "expand", "compile", "import")
 
 # llvm -mcpu names we choose from, most capable first, with the /proc/cpuinfo flags each needs.
 X86_MCPU_FLAGS: tuple[tuple[str, frozenset[str]], ...] = (
@@ -179,6 +185,7 @@ def passes_for_target(
     max_group: int | None = None,
     skip: Sequence[str] = (),
     warnings: list[str] | None = None,
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
 ) -> PassPlan:
     """The passes ``command`` runs on a model for ``target``: the one place that decides.
 
@@ -190,12 +197,17 @@ def passes_for_target(
       ``optimize``; on cuda, grouped convs with few wide groups become dense
       (:func:`choose_cuda_conv_forms`); last, Slice bounds computed from static dims are made
       constant (TVM cannot lower a Concat of slices whose shapes it cannot see).
+    - ``import``: what TVM's ONNX importer needs before every build, optimised or not: a
+      ConvTranspose's ``output_shape`` (which TVM 0.27 ignores) becomes explicit pads, with
+      ``input_shapes`` (the user's ``--shape``) binding symbolic input sizes.
 
     Raises:
         UserError: An unknown mode, an empty group range or a bad target profile.
     """
     if command not in COMMANDS:
         raise ValueError(f"command must be one of {COMMANDS}, got {command!r}")
+    if command == "import":
+        return PassPlan([ResolveConvTransposeOutputShape(input_shapes=input_shapes)], target)
     profile = load_profile(target) if target is not None else None
     plan = PassPlan([], profile.name if profile else None)
     if warnings is not None:
