@@ -107,8 +107,8 @@ def main(argv: list[str] | None = None) -> int:
         f"cases pass, {len(rows) - passed} excluded; the run took {elapsed:.0f} s.",
         "",
         "TVM 0.27's importer ignores ConvTranspose's `output_shape` (it returns the natural "
-        "size); `gconv_compile/compile.py` rewrites `output_shape` into explicit `pads` and "
-        "`output_padding` before the import, which is why `test_convtranspose_output_shape` "
+        "size); the `ResolveConvTransposeOutputShape` pass rewrites `output_shape` into explicit "
+        "`pads` and `output_padding` before every build's import, which is why `test_convtranspose_output_shape` "
         "passes. Split and ConvTranspose are included (TVM's own run of this suite leaves them "
         "out); what fails in them is listed with the reason.",
         "",

@@ -1,7 +1,7 @@
 """Default schedules and MetaSchedule tuning for convolutions compiled with TVM.
 
-Integration contract for ``gconv_compile/compile.py``
-=====================================================
+Integration contract for ``gconv_compile/build.py``
+===================================================
 
 The whole Relax pipeline in one call (replaces ``relax_pipeline="default"``)::
 
