@@ -346,9 +346,7 @@ def _import_relax(model: ir.Model, shapes: Mapping[str, Sequence[int]], kind: st
 
     _, refusals = passes_for_target("import", kind, input_shapes=shapes)(model)
     if refusals:
-        raise UserError(
-            f"{refusals[0].reason}, and TVM ignores output_shape; bind it with --shape"
-        )
+        raise UserError(f"{refusals[0].reason}, and TVM ignores output_shape; bind it with --shape")
     ir.external_data.load_to_model(model)  # TVM reads tensors from the proto, not from files
     proto = ir.serde.serialize_model(model)
     with warnings.catch_warnings(record=True) as caught:

@@ -212,7 +212,7 @@ def passes_for_target(
     plan = PassPlan([], profile.name if profile else None)
     if warnings is not None:
         plan.warnings = warnings
-    expand = expand_passes(
+    expand = _expand_passes(
         mode=mode, keep_depthwise=keep_depthwise, min_group=min_group, max_group=max_group,
         skip=skip, target=profile,
     )  # fmt: skip
@@ -231,7 +231,7 @@ def passes_for_target(
     return plan
 
 
-def expand_passes(
+def _expand_passes(
     *,
     mode: str | None = None,
     keep_depthwise: bool = False,
