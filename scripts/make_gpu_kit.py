@@ -204,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=ROOT / "dist" / "gpu-kit")
     parser.add_argument("--wheels", type=Path, default=ROOT / "build" / "wheels")
     parser.add_argument("--no-cuda", action="store_true", help="llvm twins only (quick tries)")
+    parser.add_argument("--only", nargs="+", help="build only these model names (quick tries)")
     args = parser.parse_args(argv)
     os.environ.setdefault("CUDA_PATH", "/usr/local/cuda")
     started = time.perf_counter()
@@ -217,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     with concurrent.futures.ThreadPoolExecutor(max_workers=2) as executor:
         binaries = None if args.no_cuda else CudaBinaries(executor)
-        for entry in entries():
+        for entry in [e for e in entries() if not args.only or e.name in args.only]:
             print(f"build {entry.stem}", flush=True)
             try:
                 rows.append(build_libraries(entry, libs, models, binaries))
