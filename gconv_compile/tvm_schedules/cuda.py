@@ -100,6 +100,8 @@ def schedule_conv(
     if conv.kind == "depthwise":
         why = "spatial tiles with the input halo in shared memory"
     func = sch.mod["main"].with_attr("tirx.is_scheduled", True)
+    # read by tools that bound the kernel statically (cuda_static)
+    func = func.with_attr("gconv.outputs_per_thread", tile.f_t * tile.x_t)
     return func, form_name, f"{conv.describe()}: {why}; {tile.describe()}", None
 
 
