@@ -3,7 +3,8 @@
 ``review(kernel)`` compiles the kernel's CUDA C with nvcc the way TVM's nvcc path does (``-O3
 --use_fast_math``, TVM's ptxas flags, ``-v``), reads registers, spills and shared memory from
 ptxas, disassembles the cubin with cuobjdump and finds the hot loop: the innermost loop (a
-backward branch) with the most FMA operations, or the whole kernel when everything is unrolled.
+backward branch) with the most FMA operations, or, when every FMA loop is unrolled, the code from
+the first FMA to the last.
 In that loop it counts instructions, FMAs (``FFMA``, ``HFMA2``, ``HMMA``...), shared-memory
 loads and their bytes, barriers, conditional branches other than the loop's own back edge, and
 predicated FMAs (guards turned into predicates).
@@ -200,7 +201,7 @@ def _branch_target(instr: Instr) -> int | None:
 
 
 def hot_loop(instrs: list[Instr]) -> HotLoop:
-    """The innermost loop with the most FMA operations (the whole code when there is none)."""
+    """The innermost loop with the most FMA operations (first to last FMA when there is none)."""
     loops = []  # (start, end) of each backward branch's range
     for instr in instrs:
         target = _branch_target(instr)
@@ -219,8 +220,9 @@ def hot_loop(instrs: list[Instr]) -> HotLoop:
 
     best = max(innermost, key=fma_ops, default=None)
     is_loop = best is not None and fma_ops(best) > 0
-    if not is_loop:  # every FMA loop unrolled: one pass through the whole kernel
-        best = (instrs[0].address, instrs[-1].address) if instrs else None
+    if not is_loop:  # every FMA loop unrolled: the straight code from the first FMA to the last
+        fmas = [i.address for i in instrs if _fma_ops(i)]
+        best = (fmas[0], fmas[-1]) if fmas else None
     code = body(best) if best else []
     counted = [i for i in code if i.opcode != "NOP"]
     shared = [i for i in counted if i.opcode.split(".")[0] == "LDS"]
