@@ -209,6 +209,7 @@ TOOL_RUNS = {
     "expand": ["expand"],
     "generic_npu": ["optimize", "--target", "generic-npu"],
 }
+TOOL_SOURCES = ("passes", "gconv_compile", "pyproject.toml")
 QDQ_NOTE = (
     "int8 QDQ: the fold should see through the weight/bias DequantizeLinear and the Q/DQ pairs "
     "around each branch (exact: per-branch scales become per-axis scales); expand likewise"
@@ -327,8 +328,10 @@ def _fixtures(out: Path) -> list[tuple[Path, Architecture, str, str | None]]:
 
 def write_manifest(out: Path, python: Path) -> dict:
     """Run gconv-compile on every fixture in ``out`` and write ``out/manifest.json``."""
-    commit = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                            cwd=REPO_ROOT, check=True).stdout.strip()  # fmt: skip
+    commit = _git("rev-parse", "HEAD").strip()
+    # Others edit the tool in this working tree: name what differed from the commit.
+    changed = sorted(line[3:] for line in _git("status", "--porcelain", "--", *TOOL_SOURCES)
+                     .splitlines())  # fmt: skip
     entries = {}
     with tempfile.TemporaryDirectory(prefix="real-manifest-") as tmp:
         for path, arch, tag, quantization in _fixtures(out):
@@ -346,7 +349,8 @@ def write_manifest(out: Path, python: Path) -> dict:
         "generator": "scripts/make_real_fixtures.py",
         "versions": {"torch": torch.__version__, "onnx": onnx.__version__,
                      "onnxscript": _version("onnxscript"), "onnxruntime": ort.__version__},
-        "current_from": {"gconv_compile_commit": commit, "commands": TOOL_RUNS},
+        "current_from": {"gconv_compile_commit": commit, "uncommitted_changes": changed,
+                         "commands": TOOL_RUNS},
         "fixtures": entries,
     }  # fmt: skip
     text = json.dumps(manifest, indent=1, sort_keys=True) + "\n"
@@ -355,6 +359,11 @@ def write_manifest(out: Path, python: Path) -> dict:
     if total > MAX_TOTAL_BYTES:
         raise RuntimeError(f"fixtures take {total} bytes, over {MAX_TOTAL_BYTES}")
     return manifest
+
+
+def _git(*args: str) -> str:
+    return subprocess.run(["git", *args], capture_output=True, text=True, cwd=REPO_ROOT,
+                          check=True).stdout  # fmt: skip
 
 
 def _version(package: str) -> str:
