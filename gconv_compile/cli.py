@@ -24,6 +24,7 @@ from gconv_compile.build import compile as build
 from gconv_compile.errors import CheckFailed, GconvError, UserError, one_line
 from gconv_compile.explain import run_explain
 from gconv_compile.files import write_json_atomic
+from gconv_compile.library import CUDA_RUNTIME_NEEDS
 from gconv_compile.model_io import check_output_path, load_model, save_model
 from gconv_compile.pipeline import run_checked
 from gconv_compile.profiles import builtin_profiles, load_profile
@@ -273,14 +274,6 @@ def _run_profiles(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------------------- compile
 
-_CUDA_NOTE = (
-    "A CUDA library holds CUDA C that TVM compiles when the library is loaded: building needs "
-    "no GPU, but the machine that runs it needs an NVIDIA GPU and driver, apache-tvm, the CUDA "
-    "toolkit headers (CUDA_PATH, or nvcc on PATH) and NVRTC (pip install cuda-bindings "
-    "nvidia-cuda-nvrtc) or nvcc (TVM_CUDA_COMPILE_MODE=nvcc, picked automatically when "
-    "cuda-bindings is missing)."
-)
-
 
 def _add_compile(sub) -> None:
     p = sub.add_parser(
@@ -291,7 +284,7 @@ def _add_compile(sub) -> None:
         "and write a library that tvm.runtime.load_module + relax.VirtualMachine run from any "
         "process, with OUT.so.json beside it (inputs, outputs, target, sha256 of the model). "
         "Check the library with `gconv-compile verify IN.onnx --lib OUT.so`.",
-        epilog=_CUDA_NOTE,
+        epilog=CUDA_RUNTIME_NEEDS,
     )
     p.add_argument("input", metavar="IN.onnx")
     p.add_argument("-o", "--output", required=True, metavar="OUT.so")
@@ -387,7 +380,7 @@ def _run_compile(args: argparse.Namespace) -> int:
     for path in compiled.sources:
         _echo(f"{'source':8} {path}")
     if info.target_kind == "cuda":
-        _echo(f"{'note':8} {_CUDA_NOTE}")
+        _echo(f"{'note':8} {CUDA_RUNTIME_NEEDS}")
     _write_report(report, args.report)
     return 0
 
@@ -407,7 +400,7 @@ def _add_verify(sub) -> None:
         ".npz, wrong shapes).",
         epilog="Default tolerances (atol, rtol): float32 1e-5, 1e-4 on CPU and 1e-4, 1e-3 on "
         "CUDA (fast math, other summation order); float16 1e-2, 1e-2; the default atol is "
-        "multiplied by the output's RMS when that is above 1. " + _CUDA_NOTE,
+        "multiplied by the output's RMS when that is above 1. " + CUDA_RUNTIME_NEEDS,
     )
     p.add_argument("input", metavar="IN.onnx", help="the original model")
     which = p.add_mutually_exclusive_group()
