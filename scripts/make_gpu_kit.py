@@ -41,7 +41,7 @@ import model as example01  # noqa: E402
 from grouped_models import zoo_model  # noqa: E402
 
 import gconv_compile  # noqa: E402
-from gconv_compile.errors import GconvError  # noqa: E402
+from gconv_compile.errors import GconvError, UserError  # noqa: E402
 from gconv_compile.runtime import cuda_source_sha256, nvcc_compile, runtime_dir  # noqa: E402
 
 MAX_BYTES = 56 * 1024 * 1024
@@ -92,7 +92,8 @@ def entries() -> list[Entry]:
         for dtype in ("float32", "float16"):
             model = kit_models.generate(spec, dtype)
             out.append(Entry(shape.name, dtype, model, "conv", conv, generate=spec))
-    out.append(Entry("shufflenet_v1", "float32", zoo_model("light_shufflenet"), "model"))
+    shufflenet = kit_models.c_identifier_inputs(zoo_model("light_shufflenet"))
+    out.append(Entry("shufflenet_v1", "float32", shufflenet, "model"))
     block = kit_models.branchy_block()
     out.append(Entry("resnext_block_branchy", "float32", block, "model"))
     out.append(Entry("resnext_block_branchy", "float16", kit_models.to_float16(block), "model"))
@@ -143,8 +144,12 @@ class CudaBinaries:
         ]
 
     def write(self) -> None:
+        """Write every library's binaries; raises UserError naming the library nvcc rejected."""
         for binary, jobs in self.jobs.items():
-            arrays = {key: np.frombuffer(job.result(), dtype=np.uint8) for key, job in jobs}
+            try:
+                arrays = {key: np.frombuffer(job.result(), dtype=np.uint8) for key, job in jobs}
+            except UserError as error:
+                raise UserError(f"{binary.name.removesuffix('.fatbin.npz')}: {error}")
             np.savez_compressed(binary, **arrays)
 
 
@@ -225,8 +230,12 @@ def main(argv: list[str] | None = None) -> int:
             except GconvError as error:
                 print(f"make_gpu_kit: {entry.stem}: {error}", file=sys.stderr)
                 return 2
-        if binaries is not None:
-            binaries.write()
+        try:
+            if binaries is not None:
+                binaries.write()
+        except GconvError as error:
+            print(f"make_gpu_kit: {error}", file=sys.stderr)
+            return 2
     manifest = {"format": "gconv-gpu-kit/1", "arch": ARCH, "built": time.strftime("%Y-%m-%d"),
                 "models": rows}  # fmt: skip
     (args.out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
