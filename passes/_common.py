@@ -72,7 +72,13 @@ def node_label(node: ir.Node) -> str:
 
 
 def const_array(value: ir.Value | None) -> np.ndarray | None:
-    """The value's constant contents (initializer or Constant node), else None."""
+    """The value's constant contents, else None.
+
+    Constants are initializers (not also graph inputs) and Constant nodes, seen through any
+    chain of Identity nodes: TorchScript writes the second use of a shared weight as
+    ``Identity(initializer)``.
+    """
+    value = through_identity(value)
     if value is None or value.is_graph_input():
         # An initializer that is also a graph input can be overridden at run time.
         return None
@@ -80,6 +86,18 @@ def const_array(value: ir.Value | None) -> np.ndarray | None:
     if tensor is None:
         return None
     return tensor.numpy()
+
+
+def through_identity(value: ir.Value | None) -> ir.Value | None:
+    """The value an Identity chain ending in ``value`` copies (``value`` itself if none)."""
+    seen: set[int] = set()
+    while value is not None and id(value) not in seen:
+        seen.add(id(value))
+        producer = value.producer()
+        if not is_onnx_op(producer, "Identity") or not producer.inputs:
+            break
+        value = producer.inputs[0]
+    return value
 
 
 def int_list(node: ir.Node, name: str, default: Iterable[int] | None = None) -> list[int] | None:

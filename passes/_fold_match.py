@@ -58,9 +58,11 @@ class Branch:
 
 
 @dataclasses.dataclass
-class FoldMatch(Match):
-    """A foldable block: the Concat's inputs all come from ``branches`` of one split tensor."""
+class Block:
+    """One foldable run: Concat inputs ``run`` all come from ``branches`` of one split tensor."""
 
+    run: range
+    """Positions of the block's branches among the Concat's inputs."""
     branches: list[Branch]
     source: ir.Value
     window: tuple[int, int]
@@ -70,27 +72,90 @@ class FoldMatch(Match):
     mixconv: bool
     """The kernels differ and are embedded in one grid."""
 
+
+@dataclasses.dataclass
+class FoldMatch(Match):
+    """The foldable blocks of one Concat, in input order.
+
+    Either one block that is every input of the Concat, or runs of consecutive inputs of a
+    wider Concat (TorchScript merges nested ``torch.cat``s), each folded in its place.
+    """
+
+    blocks: list[Block]
+
     @property
     def concat(self) -> ir.Node:
         return self.anchor
 
+    @property
+    def whole(self) -> bool:
+        """The one block is the whole Concat (the Concat goes away)."""
+        return len(self.blocks) == 1 and len(self.blocks[0].run) == len(self.anchor.inputs)
+
 
 def match_concat(concat: ir.Node, facts: ShapeFacts, *, mixconv: bool) -> FoldMatch | None:
-    """A foldable block anchored at ``concat``; None if it is not a candidate at all."""
+    """The foldable blocks anchored at ``concat``; None if it is not a candidate at all.
+
+    Raises:
+        Refusal: no block can fold; the reason of the first candidate.
+    """
     inputs = list(concat.inputs)
     if len(inputs) < 2 or any(v is None for v in inputs):
         return None
     chains = [branch_chain(v) for v in inputs]
     if sum(chain is not None for chain in chains) < 2:
         return None  # not a split-conv-concat block: say nothing
-    for index, chain in enumerate(chains):
-        if chain is None:
-            raise Refusal(f"Concat input {index} is not produced by a Conv branch", concat)
-    if len({chain[0].op_type for chain in chains}) > 1:
+    runs = _runs(chains)
+    everything = range(len(inputs))
+    if not runs or runs == [everything]:
+        for index, chain in enumerate(chains):
+            if chain is None:
+                raise Refusal(f"Concat input {index} is not produced by a Conv branch", concat)
+        return FoldMatch(concat, [_match_block(concat, everything, chains, facts, mixconv)])
+    blocks, refusals = [], []
+    for run in runs:
+        try:
+            blocks.append(_match_block(concat, run, chains, facts, mixconv))
+        except Refusal as refusal:
+            refusals.append(refusal)
+    if not blocks:
+        raise refusals[0]
+    return FoldMatch(concat, blocks, refusals=refusals)
+
+
+def _runs(chains: list[Chain | None]) -> list[range]:
+    """Maximal runs of at least two consecutive branches that split the same tensor."""
+    runs: list[range] = []
+    start, key = 0, None
+    for index, chain in enumerate([*chains, None]):
+        here = _split_tensor(chain)
+        if here is None or here is not key:
+            if key is not None and index - start >= 2:
+                runs.append(range(start, index))
+            start, key = index, here
+    return runs
+
+
+def _split_tensor(chain: Chain | None) -> ir.Value | None:
+    """The tensor a branch's Conv takes channels of by a Split or Slice, if it does."""
+    if chain is None or not chain[0].inputs or chain[0].inputs[0] is None:
+        return None
+    node = chain[0].inputs[0].producer()
+    if not is_onnx_op(node, "Split", "Slice") or not node.inputs:
+        return None
+    return node.inputs[0]
+
+
+def _match_block(
+    concat: ir.Node, run: range, chains: list[Chain | None], facts: ShapeFacts, mixconv: bool
+) -> Block:
+    """The block made of Concat inputs ``run``, or Refusal."""
+    run_chains = [chains[index] for index in run]
+    if len({chain[0].op_type for chain in run_chains}) > 1:
         raise Refusal("branches mix Conv and ConvTranspose", concat)
-    for index, value in enumerate(inputs):
-        _check_single_use(value, concat, f"branch {index}")
-    branches = [_branch(chain) for chain in chains]
+    for index in run:
+        _check_single_use(concat.inputs[index], concat, f"branch {index}")
+    branches = [_branch(chain) for chain in run_chains]
     rank = branches[0].weight.ndim
     if any(b.weight.ndim != rank for b in branches):
         raise Refusal("branches have convolutions of different rank", concat)
@@ -99,7 +164,7 @@ def match_concat(concat: ir.Node, facts: ShapeFacts, *, mixconv: bool) -> FoldMa
         axis += rank
     if axis != 1:
         raise Refusal(f"Concat is on axis {axis}, not the channel axis 1", concat)
-    for index, branch in enumerate(branches):
+    for index, branch in zip(run, branches):
         _locate_channels(branch, index, rank, facts)
     source = branches[0].source
     if any(b.source is not source for b in branches):
@@ -108,7 +173,7 @@ def match_concat(concat: ir.Node, facts: ShapeFacts, *, mixconv: bool) -> FoldMa
     channels = _source_channels(branches, facts)
     embed = _check_conv_attributes(branches, mixconv)
     _check_same_activation(branches)
-    return FoldMatch(concat, branches, source, window, channels, embed)
+    return Block(run, branches, source, window, channels, embed)
 
 
 def branch_chain(value: ir.Value) -> Chain | None:

@@ -19,6 +19,11 @@ import onnx_ir as ir
 logger = logging.getLogger(__name__)
 
 _PLACEHOLDER_BYTES = 1024
+# Integer constants are copied into Python-object arrays to be evaluated, ~40x their size in
+# int64. Shape arithmetic, Slice bounds and Split sizes (one entry per part: thousands at most)
+# stay far below this bound; it only keeps a large integer table (an embedding's index
+# initializer, say) from being copied whole.
+_MAX_CONSTANT_ELEMENTS = 1 << 16
 _UNKNOWN = None
 
 
@@ -86,21 +91,38 @@ class ShapeFacts:
         return self._eval(value, depth + 1)
 
     def _eval(self, value: ir.Value, depth: int) -> np.ndarray | None:
+        """The value's contents as an object array (None entries unknown), or None.
+
+        Never raises: any input the folders do not expect (a malformed model, an op form
+        not handled) means "unknown", and matching then refuses with its own reason.
+        """
+        try:
+            result = self._eval_value(value, depth)
+        except Exception as exc:  # noqa: BLE001 - see the docstring: unknown, never a crash
+            logger.debug("cannot evaluate '%s': %s: %s", value.name, type(exc).__name__, exc)
+            return None
+        # Folders may return scalars (np.take with a 0-d index gives an element, not an array).
+        return None if result is None else np.asarray(result, dtype=object)
+
+    def _eval_value(self, value: ir.Value, depth: int) -> np.ndarray | None:
         tensor = ir.convenience.get_const_tensor(value)
         if tensor is not None:
-            array = tensor.numpy()
-            if array.dtype.kind not in "iub" or array.size > 64:
+            integral = tensor.dtype is not None and (
+                tensor.dtype.is_integer() or tensor.dtype == ir.DataType.BOOL
+            )
+            if not integral:
                 return None
-            return array.astype(object)
+            if tensor.size > _MAX_CONSTANT_ELEMENTS:
+                return None
+            return tensor.numpy().astype(object)
         node = value.producer()
         if node is None or node.domain not in ("", "ai.onnx"):
             return None
         op = node.op_type
-        inputs = [self._partial(v, depth) if v is not None else None for v in node.inputs]
-        try:
-            return _FOLDERS[op](self, node, inputs) if op in _FOLDERS else None
-        except (ValueError, IndexError, TypeError, ZeroDivisionError):
+        if op not in _FOLDERS:
             return None
+        inputs = [self._partial(v, depth) if v is not None else None for v in node.inputs]
+        return _FOLDERS[op](self, node, inputs)
 
 
 def _fold_shape(facts: ShapeFacts, node: ir.Node, _inputs) -> np.ndarray | None:
@@ -155,9 +177,17 @@ def _fold_unsqueeze(_facts, node, inputs):
         return None
     out = data
     rank = data.ndim + len(axes)
-    for axis in sorted(int(a) % rank for a in axes):
+    for axis in sorted(_axis(a, rank) for a in axes):
         out = np.expand_dims(out, axis)
     return out
+
+
+def _axis(axis, rank: int) -> int:
+    """``axis`` in [0, rank), from ONNX's [-rank, rank); ValueError (unknown) outside it."""
+    axis = int(axis)
+    if not -rank <= axis < rank:
+        raise ValueError(f"axis {axis} outside rank {rank}")
+    return axis + rank if axis < 0 else axis
 
 
 def _fold_squeeze(_facts, node, inputs):
@@ -168,7 +198,7 @@ def _fold_squeeze(_facts, node, inputs):
     axes = list(axes.as_ints()) if axes is not None else (inputs[1] if len(inputs) > 1 else None)
     if axes is None:
         return np.squeeze(data)
-    return np.squeeze(data, axis=tuple(int(a) % data.ndim for a in axes))
+    return np.squeeze(data, axis=tuple(_axis(a, data.ndim) for a in axes))
 
 
 def _fold_concat(_facts, node, inputs):
@@ -195,6 +225,8 @@ def _fold_slice(_facts, _node, inputs):
     starts, ends = inputs[1], inputs[2]
     steps = inputs[4] if len(inputs) > 4 and inputs[4] is not None else np.array([1], dtype=object)
     if starts is None or ends is None:
+        return None
+    if len(inputs) > 3 and inputs[3] is not None and [_axis(a, 1) for a in inputs[3].flat] != [0]:
         return None
     return data[slice(int(starts[0]), int(min(ends[0], 2**62)), int(steps[0]))]
 

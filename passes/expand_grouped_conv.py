@@ -38,7 +38,7 @@ takes over the Conv output's name, type and shape.
 Expands when:
     * the node is an ONNX Conv or ConvTranspose (of the op types asked for) with ``group > 1``;
     * its weight (and bias, if any) are constants: initializers not also graph inputs, or
-      Constant nodes;
+      Constant nodes, also seen through chains of Identity nodes;
     * the weight's channel counts divide into the groups and agree with the input's static
       channel dim, when it has one;
     * the options allow it: the node is not named in ``skip``, ``min_group <= group <=

@@ -13,9 +13,19 @@ After::
 where W'i, b'i are the branch weights with their BatchNormalization folded in, and g is the
 branches' own ``group``. The fold is anchored at the Concat.
 
+A run of branches inside a wider Concat (TorchScript merges nested ``torch.cat``s, so
+ShuffleNet v1's ``cat([shortcut, cat(branches)])`` is one Concat) folds in its place::
+
+    Concat(S, Conv0(X[0:c]), Conv1(X[c:2c]), T)  ->  Concat(S, Conv(X, group=2·g), T)
+
+Each maximal run of at least two consecutive inputs whose Convs read channel ranges of one
+tensor is a block; every block must meet the conditions below, except that the Concat's other
+inputs (S, T) can be anything. A block that does not is reported as skipped, the others fold.
+
 Folds when:
-    * every Concat input is a Conv (or ConvTranspose) branch, optionally followed by an
-      inference BatchNormalization and/or one elementwise activation, each value used once;
+    * every Concat input (of the run) is a Conv (or ConvTranspose) branch, optionally followed
+      by an inference BatchNormalization and/or one elementwise activation, each value used
+      once;
     * each branch's input is one channel range of the same tensor X: an output of a Split
       (opset 1-11 ``split`` attribute, 13 ``split`` input, 18 ``num_outputs``) or a Slice on
       the channel axis with step 1 (bounds constant, or computed by Shape/Gather/Div/Mul
@@ -24,7 +34,9 @@ Folds when:
       part of X (a gapped split), one Slice is kept in front of the grouped Conv;
     * the Concat is on the channel axis (1, or -rank+1);
     * the Convs share strides, pads, auto_pad, dilations, kernel and group, and have
-      constant weights and biases; or, for Conv only, the kernels or dilations differ but
+      constant weights and biases (initializers or Constant nodes, also through Identity
+      chains: TorchScript's second use of a shared weight); or, for Conv only, the kernels or
+      dilations differ but
       every branch has the same strides and centred 'same' padding (MixConv: each kernel is
       embedded, zero-padded, in the largest);
     * every branch has the same activation (op and attributes) or none.
@@ -53,7 +65,7 @@ from ._common import (
     take_over_value,
 )
 from ._driver import AnchoredPass, Scope
-from ._fold_match import ELEMENTWISE_ACTIVATIONS, Branch, FoldMatch, match_concat
+from ._fold_match import ELEMENTWISE_ACTIVATIONS, Block, Branch, FoldMatch, match_concat
 from ._shapes import ShapeFacts
 
 __all__ = ["ELEMENTWISE_ACTIVATIONS", "FoldSplitConvConcat"]
@@ -95,33 +107,64 @@ class FoldSplitConvConcat(AnchoredPass):
 
     def _rewrite(self, match: FoldMatch, scope: Scope) -> list[dict]:
         concat = match.concat
-        first = match.branches[0]
+        if match.whole:
+            (block,) = match.blocks
+            result, doomed, record = self._fold_block(block, concat, scope, like=concat.outputs[0])
+            # The result takes over the Concat output's name, so value_info and graph outputs hold.
+            take_over_value(concat.outputs[0], result, scope.names, "folded")
+            remove_with_dead_producers(scope.graph, [concat, *doomed])
+            return [record]
+        records, results, doomed = [], [], []
+        for block in match.blocks:
+            result, block_doomed, record = self._fold_block(block, concat, scope, like=None)
+            record["summary"] += (
+                f"; Concat inputs {block.run.start}-{block.run.stop - 1} of "
+                f"{len(concat.inputs)}, the others stay"
+            )
+            record["details"]["concat_inputs"] = [block.run.start, block.run.stop]
+            records.append(record)
+            results.append((block.run, result))
+            doomed.extend(block_doomed)
+        _replace_runs(concat, results)
+        remove_with_dead_producers(scope.graph, doomed)
+        return records
+
+    def _fold_block(
+        self, block: Block, concat: ir.Node, scope: Scope, like: ir.Value | None
+    ) -> tuple[ir.Value, list[ir.Node], dict]:
+        """Insert the block's grouped Conv before ``concat``: (its result, the branch nodes it
+        replaces, the record). ``like``: the value the result will replace (None: a run)."""
+        first = block.branches[0]
         op_type = first.geometry.op_type
-        conv, notes = self._grouped_conv(match, scope)
+        conv, notes = self._grouped_conv(block, concat, scope)
         result = conv.outputs[0]
         new_nodes = [conv]
+        run_result = like is None
+        if run_result:
+            like = _run_value(concat, block.run, first.geometry.out_channels * len(block.branches))
         activation = first.activation
         if activation is not None:
-            new_act = _activation_after(activation, result, concat.outputs[0], scope, conv.name)
+            new_act = _activation_after(activation, result, like, scope, conv.name)
             new_nodes.append(new_act)
             result = new_act.outputs[0]
             notes.append(f"{activation.op_type} moved after the grouped {op_type}")
+        if run_result:  # named here: the Concat keeps its output
+            result.name = scope.names.fresh(f"{conv.name}_{'act_' if activation else ''}out")
+            result.type, result.shape = like.type, like.shape
         scope.graph.insert_before(concat, new_nodes)
+        doomed = [
+            node
+            for branch in block.branches
+            for node in (branch.activation, branch.batch_norm, branch.conv)
+            if node is not None
+        ]
+        return result, doomed, _record(block, conv, notes)
 
-        # The result takes over the Concat output's name, so value_info and graph outputs hold.
-        take_over_value(concat.outputs[0], result, scope.names, "folded")
-        doomed = [concat]
-        for branch in match.branches:
-            doomed.extend(
-                n for n in (branch.activation, branch.batch_norm, branch.conv) if n is not None
-            )
-        remove_with_dead_producers(scope.graph, doomed)
-        return [_record(match, conv, notes)]
-
-    def _grouped_conv(self, match: FoldMatch, scope: Scope) -> tuple[ir.Node, list[str]]:
+    def _grouped_conv(
+        self, block: Block, concat: ir.Node, scope: Scope
+    ) -> tuple[ir.Node, list[str]]:
         """The one grouped Conv (not yet in the graph) and the notes on how it was made."""
-        concat = match.concat
-        branches = match.branches
+        branches = block.branches
         first = branches[0]
         notes: list[str] = []
         weights, biases = [], []
@@ -132,7 +175,7 @@ class FoldSplitConvConcat(AnchoredPass):
             if branch.batch_norm is not None and "BatchNormalization folded" not in notes:
                 notes.append("BatchNormalization folded")
         attributes = {key: attr for key, attr in first.conv.attributes.items() if key != "group"}
-        if match.mixconv:
+        if block.mixconv:
             weights, grid = _embed_kernels(branches, weights)
             attributes.pop("auto_pad", None)
             attributes["kernel_shape"] = ir.AttrInt64s("kernel_shape", grid.kernel)
@@ -152,28 +195,30 @@ class FoldSplitConvConcat(AnchoredPass):
         names = scope.names
         base = names.fresh(f"{first.conv.name or 'conv'}_grouped")
         constants = [(weight, "weight")] + ([(bias, "bias")] if bias is not None else [])
-        conv_inputs = [match.source] + [
+        conv_inputs = [block.source] + [
             add_constant(scope.graph, array, names.fresh(f"{base}.{label}"),
                          as_node=scope.in_function, before=concat)
             for array, label in constants
         ]  # fmt: skip
-        lo, hi = match.window
-        if (lo, hi) != (0, match.channels):
-            conv_inputs[0] = self._insert_window_slice(match, scope, base)
+        lo, hi = block.window
+        if (lo, hi) != (0, block.channels):
+            conv_inputs[0] = self._insert_window_slice(block, concat, scope, base)
             notes.append(
-                f"gapped split: keeps channels [{lo}:{hi}) of {match.channels} by one Slice"
+                f"gapped split: keeps channels [{lo}:{hi}) of {block.channels} by one Slice"
             )
         op_type = first.geometry.op_type
         conv = ir.node(op_type, conv_inputs, attributes=attributes, name=base, num_outputs=1)
         return conv, notes
 
-    def _insert_window_slice(self, match: FoldMatch, scope: Scope, base: str) -> ir.Value:
-        lo, hi = match.window
+    def _insert_window_slice(
+        self, block: Block, concat: ir.Node, scope: Scope, base: str
+    ) -> ir.Value:
+        lo, hi = block.window
         names = scope.names
         name = names.fresh(f"{base}_window")
         if self._opset < 10:  # Slice-1 takes its bounds as attributes
             attributes = {"starts": [lo], "ends": [hi], "axes": [1]}
-            node = ir.node("Slice", [match.source], attributes=attributes, name=name)
+            node = ir.node("Slice", [block.source], attributes=attributes, name=name)
         else:
             bounds = (("starts", lo), ("ends", hi), ("axes", 1), ("steps", 1))
             consts = [
@@ -182,13 +227,13 @@ class FoldSplitConvConcat(AnchoredPass):
                     np.array([v], np.int64),
                     names.fresh(f"{base}.window_{label}"),
                     as_node=scope.in_function,
-                    before=match.concat,
+                    before=concat,
                 )  # fmt: skip
                 for label, v in bounds
             ]
-            node = ir.node("Slice", [match.source, *consts], name=name)
+            node = ir.node("Slice", [block.source, *consts], name=name)
         node.outputs[0].name = names.fresh(f"{base}_window_out")
-        scope.graph.insert_before(match.concat, node)
+        scope.graph.insert_before(concat, node)
         return node.outputs[0]
 
 
@@ -213,8 +258,39 @@ def _activation_after(
     )
 
 
-def _record(match: FoldMatch, conv: ir.Node, notes: list[str]) -> dict:
-    branches = match.branches
+def _run_value(concat: ir.Node, run: range, channels: int) -> ir.Value:
+    """An unnamed value with the type, and the shape with ``channels``, of a run's result."""
+    sample = concat.inputs[run.start]
+    shape = None
+    if sample.shape is not None and len(sample.shape) > 1:
+        dims = list(sample.shape)
+        dims[1] = channels
+        shape = ir.Shape(dims)
+    return ir.Value(name=None, type=sample.type, shape=shape)
+
+
+def _replace_runs(concat: ir.Node, results: list[tuple[range, ir.Value]]) -> None:
+    """Feed each run's result to ``concat`` in place of the run's inputs."""
+    inputs = list(concat.inputs)
+    starts = {run.start: (run, value) for run, value in results}
+    new_inputs, index = [], 0
+    while index < len(inputs):
+        if index in starts:
+            run, value = starts[index]
+            new_inputs.append(value)
+            index = run.stop
+        else:
+            new_inputs.append(inputs[index])
+            index += 1
+    for index in range(len(inputs)):
+        concat.replace_input_with(index, None)
+    concat.resize_inputs(len(new_inputs))
+    for index, value in enumerate(new_inputs):
+        concat.replace_input_with(index, value)
+
+
+def _record(block: Block, conv: ir.Node, notes: list[str]) -> dict:
+    branches = block.branches
     op_type = conv.op_type
     n = len(branches)
     group = conv.attributes["group"].as_int()
