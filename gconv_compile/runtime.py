@@ -315,8 +315,9 @@ def nvcc_compile(source: str, arch: str) -> bytes:
                    "-o", str(out), str(code)]  # fmt: skip
         done = subprocess.run(command, capture_output=True, text=True)
         if done.returncode != 0:
-            first = (done.stderr or done.stdout).strip().splitlines()
-            raise UserError(f"nvcc cannot compile the library's CUDA C: {first[:1]}")
+            lines = (done.stderr + done.stdout).strip().splitlines()
+            errors = [ln.strip() for ln in lines if "error" in ln] or lines[-1:]
+            raise UserError(f"nvcc cannot compile the library's CUDA C: {errors[0][:300]}")
         return out.read_bytes()
 
 

@@ -220,6 +220,9 @@ def run_model(row: dict, args, torch_ref, timer: Timer, copy_gbps: float) -> dic
     result = {"name": row["name"], "dtype": row["dtype"], "library": row["libraries"][target],
               "passed": False, "max_abs_error": None, "tvm_ms": None, "torch_ms": None,
               "torch_graph_ms": None, "gbps": None}  # fmt: skip
+    if not args.rehearse and row.get("cuda_build_error"):
+        result["error"] = f"the kit's build could not compile it: {row['cuda_build_error']}"
+        return result
     try:
         model = reference_model(row, library_path)
         library = load(library_path)

@@ -119,38 +119,50 @@ def build_libraries(entry: Entry, libs: Path, models: Path, binaries: CudaBinari
             model, target, output=library, arch=ARCH if target == "cuda" else None,
             check=entry.dtype == "float32" and not entry.generate, shapes=entry.shapes,
         )  # fmt: skip
+        _amend_sidecar(library, extra)
         if target == "cuda":
             sources = [m.inspect_source() for m in _modules(compiled.executable.mod)
                        if m.kind == "cuda"]  # fmt: skip
-            binary = libs / f"{library.name}.fatbin.npz"
-            binaries.add(binary, sources)
-            extra["cuda_binary"] = {"file": binary.name, "arch": ARCH, "format": "fatbin",
-                                    "compiler": "nvcc", "sources": len(sources)}  # fmt: skip
-        _amend_sidecar(library, extra)
+            binaries.add(library, row, sources)
         row["libraries"][target] = f"libs/{library.name}"
     return row
 
 
 class CudaBinaries:
-    """nvcc runs in worker threads while TVM builds the next model; one .npz per library."""
+    """nvcc runs in worker threads while TVM builds the next model; one .npz per library.
+
+    A library nvcc rejects stays in the kit without binaries, and its manifest row says why:
+    the GPU run reports it as failed instead of compiling it again.
+    """
 
     def __init__(self, executor: concurrent.futures.Executor) -> None:
         self.executor = executor
-        self.jobs: dict[Path, list] = {}
+        self.jobs: list[tuple[Path, dict, list]] = []
 
-    def add(self, binary: Path, sources: list[str]) -> None:
-        self.jobs[binary] = [
+    def add(self, library: Path, row: dict, sources: list[str]) -> None:
+        jobs = [
             (cuda_source_sha256(s), self.executor.submit(nvcc_compile, s, ARCH)) for s in sources
         ]
+        self.jobs.append((library, row, jobs))
 
-    def write(self) -> None:
-        """Write every library's binaries; raises UserError naming the library nvcc rejected."""
-        for binary, jobs in self.jobs.items():
+    def write(self) -> int:
+        """Write every library's binaries; returns how many libraries nvcc rejected."""
+        rejected = 0
+        for library, row, jobs in self.jobs:
+            side = Path(str(library) + ".json")
+            data = json.loads(side.read_text())
             try:
                 arrays = {key: np.frombuffer(job.result(), dtype=np.uint8) for key, job in jobs}
             except UserError as error:
-                raise UserError(f"{binary.name.removesuffix('.fatbin.npz')}: {error}")
-            np.savez_compressed(binary, **arrays)
+                rejected += 1
+                row["cuda_build_error"] = str(error)
+                print(f"make_gpu_kit: {library.name}: {error}", file=sys.stderr)
+                continue
+            np.savez_compressed(Path(str(library) + ".fatbin.npz"), **arrays)
+            data["cuda_binary"] = {"file": library.name + ".fatbin.npz", "arch": ARCH,
+                                   "format": "fatbin", "compiler": "nvcc"}  # fmt: skip
+            side.write_text(json.dumps(data, indent=2) + "\n")
+        return rejected
 
 
 def _modules(module):
@@ -230,17 +242,15 @@ def main(argv: list[str] | None = None) -> int:
             except GconvError as error:
                 print(f"make_gpu_kit: {entry.stem}: {error}", file=sys.stderr)
                 return 2
-        try:
-            if binaries is not None:
-                binaries.write()
-        except GconvError as error:
-            print(f"make_gpu_kit: {error}", file=sys.stderr)
-            return 2
+        rejected = binaries.write() if binaries is not None else 0
     manifest = {"format": "gconv-gpu-kit/1", "arch": ARCH, "built": time.strftime("%Y-%m-%d"),
                 "models": rows}  # fmt: skip
     (args.out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
     size = kit_size(args.out)
     minutes = (time.perf_counter() - started) / 60
+    if rejected:
+        print(f"make_gpu_kit: nvcc rejected {rejected} CUDA librar{'y' if rejected == 1 else 'ies'};"
+              " the kit reports them as failed", file=sys.stderr)  # fmt: skip
     print(f"make_gpu_kit: {args.out}: {len(rows)} models, {size / 2**20:.1f} MiB "
           f"(limit {MAX_BYTES / 2**20:.0f} MiB), built in {minutes:.1f} min")  # fmt: skip
     if size > MAX_BYTES:
