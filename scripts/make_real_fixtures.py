@@ -26,10 +26,13 @@ import argparse
 import dataclasses
 import hashlib
 import importlib.metadata
+import io
 import json
 import logging
+import os
 import subprocess
 import sys
+import tarfile
 import tempfile
 import warnings
 from pathlib import Path
@@ -209,7 +212,7 @@ TOOL_RUNS = {
     "expand": ["expand"],
     "generic_npu": ["optimize", "--target", "generic-npu"],
 }
-TOOL_SOURCES = ("passes", "gconv_compile", "pyproject.toml")
+TOOL_SOURCES = ("gconv_compile", "passes")
 QDQ_NOTE = (
     "int8 QDQ: the fold should see through the weight/bias DequantizeLinear and the Q/DQ pairs "
     "around each branch (exact: per-branch scales become per-axis scales); expand likewise"
@@ -235,13 +238,41 @@ def expected_verdict(arch: Architecture, quantization: str | None) -> dict:
     return verdict
 
 
-def run_tool(python: Path, fixture: Path, args: list[str], workdir: Path) -> dict:
+@dataclasses.dataclass(frozen=True)
+class Tool:
+    """How to run gconv-compile: a Python with its dependencies, and where its source is."""
+
+    python: Path
+    source: Path  # the folder holding the gconv_compile package to import
+    label: str  # "HEAD <commit>" or "working tree", for the manifest
+
+
+def tool_at_head(python: Path, workdir: Path) -> Tool:
+    """gconv-compile as committed at HEAD, unpacked into ``workdir``.
+
+    Others edit the tool in this working tree; the manifest's ``current`` must describe a
+    commit, not their half-done edits. The passes install as ``gconv_compile.passes``, which a
+    link makes importable from the unpacked tree.
+    """
+    commit = _git("rev-parse", "HEAD").strip()
+    archive = subprocess.run(["git", "archive", "--format=tar", commit, *TOOL_SOURCES],
+                             capture_output=True, cwd=REPO_ROOT, check=True).stdout  # fmt: skip
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        tar.extractall(workdir, filter="data")
+    (workdir / "gconv_compile" / "passes").symlink_to("../passes")
+    return Tool(python, workdir, f"HEAD {commit}")
+
+
+def run_tool(tool: Tool, fixture: Path, args: list[str], workdir: Path) -> dict:
     """Run one gconv-compile command on ``fixture``; the facts of its report, or its error."""
     report_path = workdir / "report.json"
     report_path.unlink(missing_ok=True)
-    command = [str(python), "-m", "gconv_compile", *args[:1], str(fixture),
+    command = [str(tool.python), "-m", "gconv_compile", *args[:1], str(fixture.resolve()),
                "-o", str(workdir / "out.onnx"), "--report", str(report_path), *args[1:]]  # fmt: skip
-    done = subprocess.run(command, capture_output=True, text=True, cwd=REPO_ROOT, check=False)
+    # `python -m` puts the working directory first on sys.path: run from the source folder.
+    env = {**os.environ, "PYTHONPATH": str(tool.source)}
+    done = subprocess.run(command, capture_output=True, text=True, cwd=tool.source, env=env,
+                          check=False)  # fmt: skip
     result = {"exit_code": done.returncode}
     if done.returncode != 0 or not report_path.exists():
         lines = done.stderr.strip().splitlines()
@@ -326,18 +357,17 @@ def _fixtures(out: Path) -> list[tuple[Path, Architecture, str, str | None]]:
     return rows
 
 
-def write_manifest(out: Path, python: Path) -> dict:
+def write_manifest(out: Path, python: Path, worktree: bool = False) -> dict:
     """Run gconv-compile on every fixture in ``out`` and write ``out/manifest.json``."""
-    commit = _git("rev-parse", "HEAD").strip()
-    # Others edit the tool in this working tree: name what differed from the commit.
-    changed = sorted(line[3:] for line in _git("status", "--porcelain", "--", *TOOL_SOURCES)
-                     .splitlines())  # fmt: skip
     entries = {}
     with tempfile.TemporaryDirectory(prefix="real-manifest-") as tmp:
+        runs, source = Path(tmp) / "runs", Path(tmp) / "source"
+        runs.mkdir()
+        source.mkdir()
+        tool = Tool(python, REPO_ROOT, "working tree") if worktree else tool_at_head(python, source)
         for path, arch, tag, quantization in _fixtures(out):
             expected = expected_verdict(arch, quantization)
-            current = {key: run_tool(python, path, args, Path(tmp))
-                       for key, args in TOOL_RUNS.items()}  # fmt: skip
+            current = {key: run_tool(tool, path, args, runs) for key, args in TOOL_RUNS.items()}
             entries[path.name] = {
                 "architecture": arch.name, "exporter": tag, "quantization": quantization,
                 "source": f"{arch.name}_{tag}.onnx" if quantization else None,
@@ -349,8 +379,7 @@ def write_manifest(out: Path, python: Path) -> dict:
         "generator": "scripts/make_real_fixtures.py",
         "versions": {"torch": torch.__version__, "onnx": onnx.__version__,
                      "onnxscript": _version("onnxscript"), "onnxruntime": ort.__version__},
-        "current_from": {"gconv_compile_commit": commit, "uncommitted_changes": changed,
-                         "commands": TOOL_RUNS},
+        "current_from": {"gconv_compile": tool.label, "commands": TOOL_RUNS},
         "fixtures": entries,
     }  # fmt: skip
     text = json.dumps(manifest, indent=1, sort_keys=True) + "\n"
@@ -382,6 +411,11 @@ def main(argv: list[str] | None = None) -> int:
         default=REPO_ROOT / ".venv/bin/python",
         help="the Python of a venv with gconv-compile installed",
     )
+    parser.add_argument(
+        "--tool-from-worktree",
+        action="store_true",
+        help="run gconv-compile from the working tree, not from HEAD",
+    )
     args = parser.parse_args(argv)
     # onnxscript's optimiser and the quantiser log every step at INFO; only this script's lines.
     logging.basicConfig(level=logging.ERROR, format="%(message)s")
@@ -391,7 +425,7 @@ def main(argv: list[str] | None = None) -> int:
         written = make_fixtures(args.out, set(args.only or ()))
         print(f"wrote {len(written)} fixtures to {args.out}")
     if not args.no_manifest:
-        manifest = write_manifest(args.out, args.gconv_python)
+        manifest = write_manifest(args.out, args.gconv_python, args.tool_from_worktree)
         wrong = sum(1 for entry in manifest["fixtures"].values() if entry["mismatches"])
         print(f"manifest: {len(manifest['fixtures'])} fixtures, {wrong} not as expected")
     return 0
