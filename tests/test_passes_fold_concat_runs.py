@@ -17,6 +17,7 @@ import onnx_ir as ir
 import pytest
 from builders import GraphBuilder, any_tensor, tensor_info
 from gconv_compile.passes import FoldSplitConvConcat
+from onnx import helper
 
 C = 4  # channels per branch
 
@@ -76,6 +77,22 @@ def conv_shortcut_then_run():
     return _model(b, [shortcut, *_branches(b, "X", 2)], {"X": 2 * C})
 
 
+def split_part_as_shortcut():
+    """The run takes two parts of a 3-way Split; the third is the shortcut: a window Slice."""
+    b = GraphBuilder(9)
+    parts = b.split("X", [C, C, C], form="split13")
+    runs = [b.conv(p, C, C, (3, 3), pads=[1] * 4) for p in parts[:2]]
+    return _model(b, [*runs, b.op("Relu", [parts[2]])], {"X": 3 * C})
+
+
+def one_split_two_runs():
+    """Parts 0-1 and 2-3 of one Split, around a foreign input: two windows of X."""
+    b = GraphBuilder(10)
+    parts = b.split("X", [C] * 4, form="split13")
+    convs = [b.conv(p, C, C, (3, 3), pads=[1] * 4) for p in parts]
+    return _model(b, [*convs[:2], b.op("Tanh", ["S"]), *convs[2:]], {"X": 4 * C, "S": 2})
+
+
 # case -> (model, [(group of each grouped Conv)], op types of the Concat's inputs after)
 RUNS = {
     "shortcut-before": (shortcut_before, [3], ["AveragePool", "Conv"]),
@@ -94,6 +111,8 @@ RUNS = {
     "shortcut-between-two-runs": (shortcut_between_two_runs, [2, 3], ["Conv", "Sigmoid", "Conv"]),
     "two-adjacent-runs": (two_adjacent_runs, [2, 2], ["Conv", "Conv"]),
     "conv-shortcut-then-run": (conv_shortcut_then_run, [2], ["Conv", "Conv"]),
+    "split-part-as-shortcut": (split_part_as_shortcut, [2], ["Conv", "Relu"]),
+    "one-split-two-runs": (one_split_two_runs, [2, 2], ["Conv", "Tanh", "Conv"]),
 }
 
 
@@ -180,4 +199,33 @@ def test_no_foldable_run_leaves_the_model_alone(build, reason, ort_equal):
     assert result.modified is False and fold.rewrites == []
     assert len(fold.skips) == 1 and reason in fold.skips[0].reason, fold.skips
     assert ir.serde.serialize_model(result.model).SerializeToString() == untouched
+    ort_equal(before, result.model)
+
+
+def test_run_inside_a_function_folds_with_constant_nodes(ort_equal):
+    """Functions have no initializers: the grouped weight is a Constant node. (fx has no shape
+    in the body, so the run covers its whole Split: a window would need fx's channel count.)"""
+    b = GraphBuilder(11)
+    body = b.child()
+    parts = body.split("fx", [C, C], form="split13", as_node=True)
+    runs = [body.conv(p, C, C, (3, 3), pads=[1] * 4, as_node=True) for p in parts]
+    body.op("Concat", [body.op("Sigmoid", ["fx"]), *runs], axis=1, out="fy", name="fcat")
+    function = helper.make_function(
+        "local", "Unit", ["fx"], ["fy"], body.nodes, [helper.make_opsetid("", 17)]
+    )
+    b.nodes.append(helper.make_node("Unit", ["X"], ["Y"], domain="local", name="unit"))
+    before = b.model(
+        [tensor_info("X", ["N", 2 * C, 6, 5])],
+        [any_tensor("Y")],
+        functions=[function],
+        extra_opsets=[helper.make_opsetid("local", 1)],
+    )
+    result, fold = run_fold(before)
+    assert result.modified is True and fold.skips == []
+    assert [(r.scope, r.details["group"]) for r in fold.rewrites] == [("function local::Unit", 2)]
+    (fn,) = result.model.functions.values()
+    assert not fn.graph.initializers
+    (concat,) = [n for n in fn if n.op_type == "Concat"]
+    assert [v.producer().op_type for v in concat.inputs] == ["Sigmoid", "Conv"]
+    onnx.checker.check_model(ir.serde.serialize_model(result.model), full_check=True)
     ort_equal(before, result.model)
