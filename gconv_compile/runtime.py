@@ -224,6 +224,11 @@ def _has_global(name: str) -> bool:
 def _load_cudart(folder: Path) -> None:
     """libtvm_runtime_cuda.so needs libcudart.so.13: from the bundle, a pip wheel or CUDA_PATH."""
     name = "libcudart.so.13"
+    try:  # already in the process (torch loads its own): use that one, not a second copy
+        _loaded[name] = ctypes.CDLL(name, mode=os.RTLD_NOLOAD | ctypes.RTLD_GLOBAL)
+        return
+    except OSError:
+        pass
     candidates = [folder / name]
     for entry in sys.path:
         for sub in ("nvidia/cu13/lib", "nvidia/cuda_runtime/lib"):

@@ -27,6 +27,8 @@ trap 'rm -rf "$SITE"' EXIT
 export PYTHONPATH="$KIT/kit:$SITE${PYTHONPATH:+:$PYTHONPATH}"
 export GCONV_TVM_RUNTIME_DIR="$KIT/runtime"
 export PIP_NO_INDEX=1
+# tvm-ffi would otherwise JIT-compile a torch DLPack add-on at import (a C++ build, minutes).
+export TVM_FFI_DISABLE_TORCH_C_DLPACK=1
 status=0
 "$PYTHON" "$KIT/kit/gpu_run.py" "$@" || status=$?
 exit "$status"
