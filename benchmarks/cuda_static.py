@@ -109,14 +109,20 @@ def layer_model(layer: Layer, dtype: str = "float32", seed: int = 0) -> onnx.Mod
     return model
 
 
-def review_layer(layer: Layer, dtype: str, arch: str = "sm_90"):
+def review_layers(dtypes, arch: str = "sm_90") -> dict:
+    """(layer, dtype) -> ``cuda_static.Review`` of its kernel, for every layer and dtype."""
     from gconv_compile.tvm_schedules import cuda_static
     from gconv_compile.tvm_schedules.cuda_kernels import conv_kernels
 
-    kernels = conv_kernels(layer_model(layer, dtype), arch)
-    if len(kernels) != 1:
-        raise RuntimeError(f"{layer.name}: {len(kernels)} scheduled kernels, expected 1")
-    return cuda_static.review(kernels[0], arch)
+    keys, kernels = [], []
+    for dtype in dtypes:
+        for layer in layers():
+            found = conv_kernels(layer_model(layer, dtype), arch)
+            if len(found) != 1:
+                raise RuntimeError(f"{layer.name}: {len(found)} scheduled kernels, expected 1")
+            keys.append((layer, dtype))
+            kernels.append(found[0])
+    return dict(zip(keys, cuda_static.review_many(kernels, arch)))
 
 
 COLUMNS = ["layer", "dtype", "n", "regs", "spill", "smem", "threads", "blocks", "MB", "MFLOP",
@@ -148,13 +154,11 @@ def main(argv: list[str] | None = None) -> int:
               "nvidia-cuda-cuobjdump)", file=sys.stderr)  # fmt: skip
         return 2
     rows, totals = [], {}
-    for dtype in args.dtype:
-        for layer in layers():
-            r = review_layer(layer, dtype, args.arch)
-            rows.append(row(layer, dtype, r))
-            key = (layer.network, dtype)
-            bound, roof = totals.get(key, (0.0, 0.0))
-            totals[key] = (bound + layer.count * r.bound_s, roof + layer.count * r.roofline_s)
+    for (layer, dtype), r in review_layers(args.dtype, args.arch).items():
+        rows.append(row(layer, dtype, r))
+        key = (layer.network, dtype)
+        bound, roof = totals.get(key, (0.0, 0.0))
+        totals[key] = (bound + layer.count * r.bound_s, roof + layer.count * r.roofline_s)
     when = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
     print(f"{when}; {platform.machine()} {os.cpu_count()} cores; nvcc from "
           f"{os.environ.get('CUDA_PATH', 'PATH')}; arch {args.arch}; bounds for H200")  # fmt: skip

@@ -22,54 +22,16 @@ memory. Dense convs are left to dlight's Matmul rule (tensor cores in float16).
 from __future__ import annotations
 
 import logging
-import math
-from dataclasses import dataclass
 
 from tvm import s_tir, tirx
 from tvm.target import Target
 
 from ._conv import ConvInfo, find_conv, single_epilogue
+from .cuda_tiles import CudaTile, choose_tile
 
 logger = logging.getLogger(__name__)
 
-THREADS = 128
-
-
-@dataclass(frozen=True)
-class CudaTile:
-    f_tile: int  # output channels per block (divides the channels per group)
-    f_t: int  # output channels per thread
-    y_tx: int  # thread rows
-    x_tx: int  # thread columns
-    x_t: int  # output columns per thread
-    rc_i: int  # input channels per shared-memory stage
-
-    @property
-    def threads(self) -> int:
-        return (self.f_tile // self.f_t) * self.y_tx * self.x_tx
-
-    def describe(self) -> str:
-        return (
-            f"{self.threads} threads, {self.f_t * self.x_t} outputs/thread, block tile "
-            f"{self.f_tile} ch x {self.y_tx} x {self.x_tx * self.x_t} px, {self.rc_i} input ch per "
-            "shared stage"
-        )
-
-
-def _pow2_floor(n: int) -> int:
-    return 1 << (max(n, 1).bit_length() - 1)
-
-
-def choose_tile(conv: ConvInfo) -> CudaTile:
-    kg = conv.out_per_group
-    f_tile = math.gcd(kg, 32)
-    f_t = math.gcd(f_tile, 4)
-    x_t = 2 if conv.out_w >= 16 else 1
-    x_tx = min(_pow2_floor(math.ceil(conv.out_w / x_t)), 16)
-    f_tx = f_tile // f_t
-    y_tx = max(1, min(THREADS // (f_tx * x_tx), _pow2_floor(conv.out_h)))
-    rc_i = math.gcd(conv.in_per_group, 8)
-    return CudaTile(f_tile, f_t, y_tx, x_tx, x_t, rc_i)
+_MAX_UNROLLED_FMAS = 1200  # beyond this the input-channel loop of a stage stays a loop
 
 
 def schedule_conv(
@@ -101,7 +63,7 @@ def schedule_conv(
         why = "spatial tiles with the input halo in shared memory"
     func = sch.mod["main"].with_attr("tirx.is_scheduled", True)
     # read by tools that bound the kernel statically (cuda_static)
-    func = func.with_attr("gconv.outputs_per_thread", tile.f_t * tile.x_t)
+    func = func.with_attr("gconv.outputs_per_thread", tile.outputs_per_thread)
     return func, form_name, f"{conv.describe()}: {why}; {tile.describe()}", None
 
 
@@ -127,19 +89,21 @@ def _apply(sch: s_tir.Schedule, conv: ConvInfo, tile: CudaTile) -> None:
 
     n, f, y, x, rc, ry, rx = sch.get_loops(block)
     f_o, f_tx, f_t = sch.split(f, [None, tile.f_tile // tile.f_t, tile.f_t])
-    y_o, y_tx = sch.split(y, [None, tile.y_tx])
+    y_o, y_tx = sch.split(y, [None, tile.rows])
     # each thread owns x_t adjacent columns: the epilogue then covers exactly its outputs
-    x_o, x_tx, x_t = sch.split(x, [None, tile.x_tx, tile.x_t])
+    x_o, x_tx, x_t = sch.split(x, [None, tile.cols // tile.x_t, tile.x_t])
     rc_o, rc_i = sch.split(rc, [None, tile.rc_i])
     sch.reorder(n, f_o, y_o, x_o, f_tx, y_tx, x_tx, rc_o, rc_i, ry, rx, f_t, x_t)
-    pixel_tile = sch.fuse(y_o, x_o)
+    block_tile = sch.fuse(f_o, y_o, x_o)
     threads = sch.fuse(f_tx, y_tx, x_tx)
-    sch.bind(n, "blockIdx.z")
-    sch.bind(f_o, "blockIdx.y")
-    sch.bind(pixel_tile, "blockIdx.x")
+    sch.bind(n, "blockIdx.y")
+    sch.bind(block_tile, "blockIdx.x")
     sch.bind(threads, "threadIdx.x")
-    sch.unroll(f_t)
-    sch.unroll(x_t)
+    unrolled = [ry, rx, f_t, x_t]
+    if tile.rc_i * conv.kernel[0] * conv.kernel[1] * tile.outputs_per_thread <= _MAX_UNROLLED_FMAS:
+        unrolled.insert(0, rc_i)
+    for loop in unrolled:
+        sch.unroll(loop)
     for cache in (x_shared, w_shared):
         sch.compute_at(cache, rc_o, preserve_unit_loops=True)
         all_loops = sch.get_loops(cache)

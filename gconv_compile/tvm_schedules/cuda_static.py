@@ -131,8 +131,8 @@ def toolkit() -> dict[str, str] | None:
     return {"nvcc": nvcc, "cuobjdump": cuobjdump}
 
 
-def compile_cubin(source: str, arch: str, folder: Path, tools: dict) -> tuple[Path, Ptxas]:
-    """nvcc with TVM's flags; returns the cubin and ptxas's resource line."""
+def compile_cubin(source: str, arch: str, folder: Path, tools: dict) -> tuple[Path, dict]:
+    """nvcc with TVM's flags; returns the cubin and each kernel's ptxas resources by name."""
     from tvm.support.nvcc import _ptxas_option_flags
 
     cu, cubin = folder / "kernel.cu", folder / "kernel.cubin"
@@ -145,20 +145,22 @@ def compile_cubin(source: str, arch: str, folder: Path, tools: dict) -> tuple[Pa
     done = subprocess.run(command, capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"nvcc failed:\n{done.stderr[-4000:]}")
-    text = done.stdout + done.stderr
+    resources = {}
+    for chunk in (done.stdout + done.stderr).split("Compiling entry function '")[1:]:
+        name = chunk.split("'", 1)[0]
 
-    def number(pattern: str) -> int:
-        found = re.search(pattern, text)
-        return int(found.group(1)) if found else 0
+        def number(pattern: str, text: str = chunk) -> int:
+            found = re.search(pattern, text)
+            return int(found.group(1)) if found else 0
 
-    ptxas = Ptxas(
-        registers=number(r"Used (\d+) registers"),
-        spill_stores=number(r"(\d+) bytes spill stores"),
-        spill_loads=number(r"(\d+) bytes spill loads"),
-        shared_bytes=number(r"(\d+) bytes smem"),
-        stack_bytes=number(r"(\d+) bytes stack frame"),
-    )
-    return cubin, ptxas
+        resources[name] = Ptxas(
+            registers=number(r"Used (\d+) registers"),
+            spill_stores=number(r"(\d+) bytes spill stores"),
+            spill_loads=number(r"(\d+) bytes spill loads"),
+            shared_bytes=number(r"(\d+) bytes smem"),
+            stack_bytes=number(r"(\d+) bytes stack frame"),
+        )
+    return cubin, resources
 
 
 def disassemble(cubin: Path, tools: dict) -> dict[str, list[Instr]]:
@@ -181,6 +183,8 @@ def disassemble(cubin: Path, tools: dict) -> dict[str, list[Instr]]:
 
 def _fma_ops(instr: Instr) -> int:
     base = instr.opcode.split(".")[0]
+    if "-RZ, RZ" in instr.operands:  # HFMA2.MMA R, -RZ, RZ, c: how ptxas moves a constant
+        return 0
     if base == "HMMA":
         return next((ops for key, ops in _MMA_OPS.items() if instr.opcode.startswith(key)), 32)
     return _FMA_OPS.get(base, 0)
@@ -205,7 +209,7 @@ def hot_loop(instrs: list[Instr]) -> HotLoop:
     loops = []  # (start, end) of each backward branch's range
     for instr in instrs:
         target = _branch_target(instr)
-        if target is not None and target <= instr.address:
+        if target is not None and target < instr.address:  # BRA to itself ends the code
             loops.append((target, instr.address))
     innermost = [
         (s, e) for s, e in loops if not any(s <= s2 and e2 <= e and (s2, e2) != (s, e)
@@ -257,14 +261,44 @@ def conv_work(kernel: Kernel) -> tuple[int, int, int]:
 
 def review(kernel: Kernel, arch: str = "sm_90", gpu: Gpu = H200, tools: dict | None = None):
     """Compile, disassemble and bound one kernel (see the module docstring)."""
+    return review_many([kernel], arch, gpu, tools)[0]
+
+
+def review_many(kernels: list[Kernel], arch: str = "sm_90", gpu: Gpu = H200,
+                tools: dict | None = None) -> list[Review]:  # fmt: skip
+    """``review`` for many kernels, with one nvcc run per distinct CUDA C preamble."""
     tools = tools or toolkit()
     if tools is None:
         raise RuntimeError("nvcc or cuobjdump not found (set CUDA_PATH; pip install "
                            "nvidia-cuda-cuobjdump)")  # fmt: skip
-    with tempfile.TemporaryDirectory(prefix="gconv-cuda-static-") as folder:
-        cubin, ptxas = compile_cubin(kernel.source, arch, Path(folder), tools)
-        sass = disassemble(cubin, tools)
-    loop = hot_loop(sass.get(kernel.name, []))
+    units: dict[str, list[int]] = {}
+    for index, kernel in enumerate(kernels):
+        units.setdefault(kernel.source.split(_KERNELS_START, 1)[0], []).append(index)
+    found: dict[int, tuple[Ptxas, list[Instr]]] = {}
+    for preamble, indices in units.items():
+        bodies = [_renamed(kernels[i], f"k{i}_") for i in indices]
+        with tempfile.TemporaryDirectory(prefix="gconv-cuda-static-") as folder:
+            cubin, resources = compile_cubin(
+                preamble + "\n".join(bodies), arch, Path(folder), tools
+            )
+            sass = disassemble(cubin, tools)
+        for i in indices:
+            name = f"k{i}_{kernels[i].name}"
+            found[i] = (resources[name], sass.get(name, []))
+    return [_bound(kernel, *found[i], gpu) for i, kernel in enumerate(kernels)]
+
+
+_KERNELS_START = 'extern "C" __global__'
+
+
+def _renamed(kernel: Kernel, prefix: str) -> str:
+    """The kernel's definitions (no preamble) with its name prefixed, to share a unit."""
+    body = _KERNELS_START + kernel.source.split(_KERNELS_START, 1)[1]
+    return re.sub(rf"\b{re.escape(kernel.name)}\b", prefix + kernel.name, body)
+
+
+def _bound(kernel: Kernel, ptxas: Ptxas, sass: list[Instr], gpu: Gpu) -> Review:
+    loop = hot_loop(sass)
     flops, min_bytes, reduction = conv_work(kernel)
     dtype = next(a.dtype for a in kernel.args if a.is_output)
     roofline = max(flops / gpu.peak_flops[dtype], min_bytes / gpu.dram_bytes_s)

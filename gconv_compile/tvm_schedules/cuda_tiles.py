@@ -1,0 +1,127 @@
+"""Tile choice for the CUDA grouped and depthwise conv schedules: exact tiles, scored statically.
+
+A tile is a block of ``f_tile`` output channels x ``rows`` output rows x ``cols`` output columns
+and a register tile of ``f_t`` channels x ``x_t`` adjacent columns per thread. Every extent
+divides the output (channels per group or whole groups, rows, columns), so no thread ever
+computes outside it and the generated code has no bounds check anywhere near the FMAs. A block
+either stays inside one group (``f_tile`` divides the channels per group) or holds whole groups
+(``f_tile`` = G x channels per group); then the input tile holds all their input channels.
+
+Every candidate is scored by the same static model as ``cuda_static`` (issue slots and shared
+memory bytes of the busiest SM, per FMA of a thread's register tile, plus the cooperative loads)
+after the gates of issue #13: threads a multiple of 32 and >= 64, at least one block per SM,
+<= 0.5 shared loads per FMA. Candidates that break fewer gates win; among equals, the lowest
+estimated time.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from ._conv import ConvInfo
+
+SMS = 132  # H200; the score only needs a wave size of the right order
+MAX_THREADS = 512
+MAX_SHARED_BYTES = 40 * 1024
+MAX_ACCUMULATORS = 32
+
+
+@dataclass(frozen=True)
+class CudaTile:
+    f_tile: int  # output channels per block (divides the channels per group, or whole groups)
+    f_t: int  # output channels per thread
+    rows: int  # output rows per block (one per thread row)
+    cols: int  # output columns per block
+    x_t: int  # adjacent output columns per thread
+    rc_i: int  # input channels per shared-memory stage
+
+    @property
+    def threads(self) -> int:
+        return (self.f_tile // self.f_t) * self.rows * (self.cols // self.x_t)
+
+    @property
+    def outputs_per_thread(self) -> int:
+        return self.f_t * self.x_t
+
+    def describe(self) -> str:
+        return (
+            f"{self.threads} threads, {self.outputs_per_thread} outputs/thread "
+            f"({self.f_t} ch x {self.x_t} px), block tile {self.f_tile} ch x {self.rows} x "
+            f"{self.cols} px, {self.rc_i} input ch per shared stage"
+        )
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _shared_loads(conv: ConvInfo, tile: CudaTile) -> tuple[float, float]:
+    """(shared loads, FMAs) of one thread per input channel and kernel row."""
+    kw = conv.kernel[1]
+    sw, dw = conv.stride[1], conv.dilation[1]
+    inputs = len({i * sw + k * dw for i in range(tile.x_t) for k in range(kw)})
+    vector = 4 if conv.dtype == "float32" else 8  # 16-byte loads of adjacent channels
+    weights = kw * math.ceil(tile.f_t / vector) if tile.f_t > 1 else kw
+    return inputs + weights, kw * tile.f_t * tile.x_t
+
+
+def _shared_bytes(conv: ConvInfo, tile: CudaTile) -> tuple[int, int]:
+    """(input tile, weight tile) elements per shared stage."""
+    kh, kw = conv.kernel
+    (sh, sw), (dh, dw) = conv.stride, conv.dilation
+    channels = tile.rc_i * max(1, tile.f_tile // conv.out_per_group)
+    in_rows = (tile.rows - 1) * sh + (kh - 1) * dh + 1
+    in_cols = (tile.cols - 1) * sw + (kw - 1) * dw + 1
+    return channels * in_rows * in_cols, tile.f_tile * tile.rc_i * kh * kw
+
+
+def score(conv: ConvInfo, tile: CudaTile) -> tuple[int, float]:
+    """(gates broken, estimated busiest-SM cycles) of a tile; lower is better."""
+    loads, fmas = _shared_loads(conv, tile)
+    blocks = conv.out_channels // tile.f_tile * (conv.out_h // tile.rows)
+    blocks *= conv.out_w // tile.cols
+    broken = (tile.threads % 32 != 0) + (tile.threads < 64) + (blocks < SMS)
+    broken += conv.kind == "grouped" and loads / fmas > 0.5
+    in_elems, w_elems = _shared_bytes(conv, tile)
+    reduction = conv.in_per_group * conv.kernel[0] * conv.kernel[1]
+    per_thread_fma = tile.outputs_per_thread * reduction
+    stages = conv.in_per_group // tile.rc_i
+    copy = 4 * (in_elems + w_elems) * stages / tile.threads  # load, store, address, predicate
+    instructions = per_thread_fma * (1 + loads / fmas + 0.15) + copy
+    warps = math.ceil(tile.threads / 32) * math.ceil(blocks / SMS)
+    issue = warps * instructions / 4
+    shared = warps * 32 * per_thread_fma * (loads / fmas) * 4 / 128
+    return broken, max(issue, shared) + 2000 * stages * math.ceil(blocks / SMS)
+
+
+def _candidates(conv: ConvInfo):
+    kg, cg = conv.out_per_group, conv.in_per_group
+    f_tiles = sorted(set(_divisors(kg)) | {kg * g for g in _divisors(conv.groups)})
+    for f_tile in f_tiles:
+        for f_t in (d for d in _divisors(min(f_tile, kg)) if d <= 8 and f_tile % d == 0):
+            for x_t in (d for d in _divisors(conv.out_w) if d <= 8 or d == conv.out_w <= 16):
+                if f_t * x_t > MAX_ACCUMULATORS:
+                    continue
+                for cols in (c for c in _divisors(conv.out_w) if c % x_t == 0):
+                    for rows in _divisors(conv.out_h):
+                        yield from _with_stages(conv, CudaTile(f_tile, f_t, rows, cols, x_t, cg))
+
+
+def _with_stages(conv: ConvInfo, tile: CudaTile):
+    if tile.threads > MAX_THREADS:
+        return
+    element = 2 if conv.dtype == "float16" else 4
+    # a block of whole groups loads all their input channels at once; one inside a group may
+    # stage them
+    stages = [tile.rc_i] if tile.f_tile > conv.out_per_group else _divisors(tile.rc_i)[::-1]
+    for rc_i in stages:
+        staged = CudaTile(tile.f_tile, tile.f_t, tile.rows, tile.cols, tile.x_t, rc_i)
+        if sum(_shared_bytes(conv, staged)) * element <= MAX_SHARED_BYTES:
+            yield staged
+            return
+
+
+def choose_tile(conv: ConvInfo) -> CudaTile:
+    """The best exact tile for ``conv`` (see the module docstring)."""
+    return min(_candidates(conv), key=lambda t: score(conv, t))
