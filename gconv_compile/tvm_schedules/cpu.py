@@ -263,32 +263,7 @@ def _apply(sch: s_tir.Schedule, conv: ConvInfo, tile: CpuTile) -> Packing | None
     if conv.pad_block is not None and conv.pad_is_identity:
         sch.compute_inline(conv.pad_block)
     epilogue = single_epilogue(sch, conv)
-    packing = None
-    width = conv.out_w
-    if conv.is_pointwise:
-        # A 1x1 tile is a run of flattened pixels that may start mid-row: index the accumulator
-        # and the epilogue by the flattened pixel so the tile's offsets are constants (else the
-        # accumulators cannot live in registers).
-        if tile.form == "channel":
-            v = tile.vector
-            sch.transform_layout(
-                block, ("write", 0), lambda n, f, y, x: (n, f // v, y * width + x, f % v)
-            )
-        else:
-            sch.transform_layout(block, ("write", 0), lambda n, f, y, x: (n, f, y * width + x))
-        sch.transform_block_layout(epilogue, lambda n, f, y, x: (n, f, y * width + x))
-    elif tile.form == "channel":
-        v = tile.vector
-        sch.transform_layout(block, ("write", 0), lambda n, f, y, x: (n, f // v, y, x, f % v))
-    if tile.form == "channel":
-        v = tile.vector
-        w_index = [
-            i for i, r in enumerate(sch.get(block).reads) if str(r.source.name) == conv.weight_param
-        ]
-        sch.transform_layout(
-            block, ("read", w_index[0]), lambda f, c, h, w: (f // v, c, h, w, f % v)
-        )
-        packing = Packing(conv.weight_param, v)
+    packing = _set_layouts(sch, conv, tile, epilogue)
     n, f, y, x, rc, ry, rx = sch.get_loops(block)
     if tile.form == "pixel":
         f_o, f_r = sch.split(f, [None, tile.f_reg])
@@ -329,6 +304,48 @@ def _apply(sch: s_tir.Schedule, conv: ConvInfo, tile: CpuTile) -> Packing | None
     sch.vectorize(inner[-1])
     init = sch.decompose_reduction(block, rc)
     sch.vectorize(sch.get_loops(init)[-1])
+    _schedule_epilogue(sch, conv, tile, epilogue, anchor)
+    if conv.pad_block is not None and not conv.pad_is_identity:
+        _schedule_pad(sch, conv.pad_block, task)
+    return packing
+
+
+def _set_layouts(sch: s_tir.Schedule, conv: ConvInfo, tile: CpuTile, epilogue) -> Packing | None:
+    """Lay out the accumulator (and the weight, in channel form) for the tile."""
+    block = conv.block
+    width = conv.out_w
+    packing = None
+    if conv.is_pointwise:
+        # A 1x1 tile is a run of flattened pixels that may start mid-row: index the accumulator
+        # and the epilogue by the flattened pixel so the tile's offsets are constants (else the
+        # accumulators cannot live in registers).
+        if tile.form == "channel":
+            v = tile.vector
+            sch.transform_layout(
+                block, ("write", 0), lambda n, f, y, x: (n, f // v, y * width + x, f % v)
+            )
+        else:
+            sch.transform_layout(block, ("write", 0), lambda n, f, y, x: (n, f, y * width + x))
+        sch.transform_block_layout(epilogue, lambda n, f, y, x: (n, f, y * width + x))
+    elif tile.form == "channel":
+        v = tile.vector
+        sch.transform_layout(block, ("write", 0), lambda n, f, y, x: (n, f // v, y, x, f % v))
+    if tile.form == "channel":
+        v = tile.vector
+        w_index = [
+            i for i, r in enumerate(sch.get(block).reads) if str(r.source.name) == conv.weight_param
+        ]
+        sch.transform_layout(
+            block, ("read", w_index[0]), lambda f, c, h, w: (f // v, c, h, w, f % v)
+        )
+        packing = Packing(conv.weight_param, v)
+    return packing
+
+
+def _schedule_epilogue(
+    sch: s_tir.Schedule, conv: ConvInfo, tile: CpuTile, epilogue, anchor
+) -> None:
+    """Compute the epilogue per tile, right after its accumulators, and vectorise its stores."""
     sch.reverse_compute_at(epilogue, anchor, preserve_unit_loops=True)
     e_all = sch.get_loops(epilogue)
     at = next(i for i, lp in enumerate(e_all) if sch.get(lp).same_as(sch.get(anchor)))
@@ -348,9 +365,6 @@ def _apply(sch: s_tir.Schedule, conv: ConvInfo, tile: CpuTile) -> Packing | None
         # accumulators stay in registers
         for loop in [e_f, e_px] if conv.is_pointwise else [e_f, e_y, e_x]:
             sch.unroll(loop)
-    if conv.pad_block is not None and not conv.pad_is_identity:
-        _schedule_pad(sch, conv.pad_block, task)
-    return packing
 
 
 def _schedule_pad(sch: s_tir.Schedule, pad: s_tir.schedule.SBlockRV, task) -> None:
