@@ -64,23 +64,9 @@ def split_conv_concat(
     r = rng(seed)
     width = channels // groups
     op = "ConvTranspose" if transpose else "Conv"
-    nodes, inits = [], []
     parts = [f"x{i}" for i in range(groups)]
     opset = opset or {"split11": 11, "split13": 13, "split18": 18, "slice": 13}.get(split_form, 13)
-    if split_form == "split11":
-        nodes.append(helper.make_node("Split", ["X"], parts, axis=1, split=[width] * groups))
-    elif split_form == "split13":
-        inits.append(ints("split_sizes", [width] * groups))
-        nodes.append(helper.make_node("Split", ["X", "split_sizes"], parts, axis=1))
-    elif split_form == "split18":
-        nodes.append(helper.make_node("Split", ["X"], parts, axis=1, num_outputs=groups))
-    elif split_form == "slice":
-        inits += [ints("axes", [1])]
-        for i in range(groups):
-            inits += [ints(f"s{i}", [i * width]), ints(f"e{i}", [(i + 1) * width])]
-            nodes.append(helper.make_node("Slice", ["X", f"s{i}", f"e{i}", "axes"], [parts[i]]))
-    else:
-        raise ValueError(split_form)
+    nodes, inits = _channel_parts("X", parts, width, split_form)
     rank = len(kernel)
     shared = None
     outs = []
@@ -127,6 +113,27 @@ def split_conv_concat(
         "Y", TensorProto.FLOAT, [batch, None, *([None] * len(spatial))]
     )
     return make_model(nodes, [x], [y], inits, opset=opset)
+
+
+def _channel_parts(x: str, parts: list[str], width: int, split_form: str) -> tuple[list, list]:
+    """(nodes, initializers) splitting ``x`` into ``parts`` of ``width`` channels each."""
+    nodes, inits = [], []
+    groups = len(parts)
+    if split_form == "split11":
+        nodes.append(helper.make_node("Split", [x], parts, axis=1, split=[width] * groups))
+    elif split_form == "split13":
+        inits.append(ints("split_sizes", [width] * groups))
+        nodes.append(helper.make_node("Split", [x, "split_sizes"], parts, axis=1))
+    elif split_form == "split18":
+        nodes.append(helper.make_node("Split", [x], parts, axis=1, num_outputs=groups))
+    elif split_form == "slice":
+        inits += [ints("axes", [1])]
+        for i in range(groups):
+            inits += [ints(f"s{i}", [i * width]), ints(f"e{i}", [(i + 1) * width])]
+            nodes.append(helper.make_node("Slice", [x, f"s{i}", f"e{i}", "axes"], [parts[i]]))
+    else:
+        raise ValueError(split_form)
+    return nodes, inits
 
 
 # ------------------------------------------------------------------------------------------
@@ -396,12 +403,49 @@ def conv_block(
         bounds = np.cumsum([0, *sizes])
         ranges = [(int(lo), int(hi)) for lo, hi in zip(bounds[:-1], bounds[1:])]
     n = len(ranges)
+    parts = _block_parts(b, x, form, ranges, channels=channels, rank=rank, as_node=as_node)
+    defaults = {
+        "kernel": kernel,
+        "conv_attrs": conv_attrs,
+        "group": group,
+        "bias": bias,
+        "batch_norm": batch_norm,
+        "activation": activation,
+        "out_per_branch": out_per_branch,
+    }
+    outs = []
+    weight = None
+    for i, (part, (lo, hi)) in enumerate(zip(parts, ranges)):
+        spec = {**defaults, **(overrides or [{}] * n)[i]}
+        k = tuple(spec["kernel"])
+        if shared_weight and weight is None:
+            out_channels, g = spec["out_per_branch"], spec["group"]
+            shape = (
+                (hi - lo, out_channels // g, *k)
+                if transpose
+                else (out_channels, (hi - lo) // g, *k)
+            )
+            weight = consts.random(shape, "w_shared", as_node=as_node)
+        outs.append(
+            _block_branch(b, part, hi - lo, spec, transpose=transpose, weight=weight,
+                          as_node=as_node, consts=consts)
+        )  # fmt: skip
+    order = list(concat_order) if concat_order is not None else list(range(n))
+    return b.op(
+        "Concat", [outs[i] for i in order], axis=concat_axis, name=b.fresh("concat"), out=output
+    )
+
+
+def _block_parts(
+    b: GraphBuilder, x: str, form: str, ranges, *, channels: int, rank: int, as_node: bool
+) -> list[str]:
+    """The splitter of :func:`conv_block`: one value per channel range of ``x``."""
     if form.startswith("split") or form == "equal":
-        parts = b.split(x, [hi - lo for lo, hi in ranges], form=form, as_node=as_node)
-    elif form in ("slice", "slice_node"):
-        parts = [b.slice(x, lo, hi, as_node=as_node or form == "slice_node") for lo, hi in ranges]
-    elif form == "slice_negative":
-        parts = [
+        return b.split(x, [hi - lo for lo, hi in ranges], form=form, as_node=as_node)
+    if form in ("slice", "slice_node"):
+        return [b.slice(x, lo, hi, as_node=as_node or form == "slice_node") for lo, hi in ranges]
+    if form == "slice_negative":
+        return [
             b.slice(
                 x,
                 lo - channels,
@@ -411,57 +455,39 @@ def conv_block(
             )
             for lo, hi in ranges
         ]
-    elif form == "chunk":
-        parts = b.chunk_slices(x, n)
-    else:
-        raise ValueError(form)
-    outs = []
-    weight = None
-    for i, (part, (lo, hi)) in enumerate(zip(parts, ranges)):
-        spec = {
-            "kernel": kernel,
-            "conv_attrs": conv_attrs,
-            "group": group,
-            "bias": bias,
-            "batch_norm": batch_norm,
-            "activation": activation,
-            "out_per_branch": out_per_branch,
-        }
-        spec.update((overrides or [{}] * n)[i])
-        k = tuple(spec["kernel"])
-        attrs = spec["conv_attrs"]
-        if attrs is None:
-            attrs = {} if transpose else {"pads": [(d - 1) // 2 for d in k] * 2}
-        out_channels = spec["out_per_branch"]
-        if shared_weight and weight is None:
-            shape = (
-                (hi - lo, out_channels // spec["group"], *k)
-                if transpose
-                else (out_channels, (hi - lo) // spec["group"], *k)
-            )
-            weight = consts.random(shape, "w_shared", as_node=as_node)
-        value = b.conv(
-            part,
-            hi - lo,
-            out_channels,
-            k,
-            group=spec["group"],
-            bias=spec["bias"],
-            transpose=transpose,
-            weight=weight,
-            as_node=as_node,
-            consts=consts,
-            **attrs,
-        )
-        if spec["batch_norm"]:
-            value = b.batch_norm(value, out_channels, as_node=as_node, consts=consts)
-        if spec["activation"] is not None:
-            value = b.activation(value, spec["activation"], as_node=as_node, consts=consts)
-        outs.append(value)
-    order = list(concat_order) if concat_order is not None else list(range(n))
-    return b.op(
-        "Concat", [outs[i] for i in order], axis=concat_axis, name=b.fresh("concat"), out=output
+    if form == "chunk":
+        return b.chunk_slices(x, len(ranges))
+    raise ValueError(form)
+
+
+def _block_branch(
+    b: GraphBuilder, part: str, width: int, spec: dict, *, transpose: bool, weight: str | None,
+    as_node: bool, consts: GraphBuilder,
+) -> str:  # fmt: skip
+    """One branch of :func:`conv_block`: Conv [-> BatchNormalization] [-> activation]."""
+    k = tuple(spec["kernel"])
+    attrs = spec["conv_attrs"]
+    if attrs is None:
+        attrs = {} if transpose else {"pads": [(d - 1) // 2 for d in k] * 2}
+    out_channels = spec["out_per_branch"]
+    value = b.conv(
+        part,
+        width,
+        out_channels,
+        k,
+        group=spec["group"],
+        bias=spec["bias"],
+        transpose=transpose,
+        weight=weight,
+        as_node=as_node,
+        consts=consts,
+        **attrs,
     )
+    if spec["batch_norm"]:
+        value = b.batch_norm(value, out_channels, as_node=as_node, consts=consts)
+    if spec["activation"] is not None:
+        value = b.activation(value, spec["activation"], as_node=as_node, consts=consts)
+    return value
 
 
 def any_tensor(name: str, rank: int = 4, dtype=TensorProto.FLOAT):

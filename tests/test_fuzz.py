@@ -132,29 +132,124 @@ def _weight_shape(op: str, b: BranchPlan) -> tuple[int, ...]:
 # --------------------------------------------------------------------------------- builder
 
 
-def build(plan: BlockPlan) -> onnx.ModelProto:
-    """The ONNX model a plan describes (seeded random weights, checked by onnx.checker)."""
-    r = np.random.default_rng(plan.seed)
-    nodes: list[onnx.NodeProto] = []
-    inits: list[onnx.TensorProto] = []
-    extra_inputs: list[onnx.ValueInfoProto] = []
-    outputs: list[str] = []
-    n = len(plan.branches)
-    rank = plan.rank
+class _Writer:
+    """Nodes, initializers, extra graph inputs and outputs of the model a plan describes."""
 
-    def const(name: str, array: np.ndarray) -> str:
+    def __init__(self, plan: BlockPlan) -> None:
+        self.plan = plan
+        self.r = np.random.default_rng(plan.seed)
+        self.nodes: list[onnx.NodeProto] = []
+        self.inits: list[onnx.TensorProto] = []
+        self.extra_inputs: list[onnx.ValueInfoProto] = []
+        self.outputs: list[str] = []
+
+    def node(self, op: str, inputs: list[str], outputs: list[str], name: str, **attrs) -> None:
+        self.nodes.append(helper.make_node(op, inputs, outputs, name=name, **attrs))
+
+    def const(self, name: str, array: np.ndarray) -> str:
         tensor = numpy_helper.from_array(np.asarray(array), name)
-        if plan.constant_nodes and name != f"w{plan.weight_as_input}":
-            nodes.append(
-                helper.make_node("Constant", [], [name], value=tensor, name=f"{name}_const")
-            )
+        if self.plan.constant_nodes and name != f"w{self.plan.weight_as_input}":
+            self.node("Constant", [], [name], f"{name}_const", value=tensor)
         else:
-            inits.append(tensor)
+            self.inits.append(tensor)
         return name
 
-    def i64(name: str, values) -> str:
-        return const(name, np.asarray(values, dtype=np.int64))
+    def i64(self, name: str, values) -> str:
+        return self.const(name, np.asarray(values, dtype=np.int64))
 
+    def branch(self, i: int, b: BranchPlan, part: str) -> str:
+        """Conv [-> BatchNormalization] [-> activation] of branch ``i``; returns its end."""
+        plan, r = self.plan, self.r
+        weight = r.standard_normal(_weight_shape(plan.op, b)).astype(np.float32)
+        if plan.shared_weight and i > 0:
+            conv_in = [part, "w0"]
+        else:
+            conv_in = [part, self.const(f"w{i}", weight)]
+        if plan.weight_as_input == i:
+            self.extra_inputs.append(
+                helper.make_tensor_value_info(f"w{i}", TensorProto.FLOAT, weight.shape)
+            )
+        if b.bias:
+            conv_in.append(self.const(f"b{i}", r.standard_normal(b.out).astype(np.float32)))
+        self.node(plan.op, conv_in, [f"c{i}"], f"conv{i}", **_conv_attributes(b, r))
+        stage = {"conv": f"c{i}"}
+        out = f"c{i}"
+        if b.batch_norm:
+            params = [
+                r.uniform(0.5, 1.5, b.out), r.standard_normal(b.out),
+                r.standard_normal(b.out), r.uniform(0.5, 2.0, b.out),
+            ]  # fmt: skip
+            names = [self.const(f"bn{i}_{k}", p.astype(np.float32)) for k, p in enumerate(params)]
+            self.node("BatchNormalization", [out, *names], [f"n{i}"], f"bn{i}", epsilon=1e-3)
+            out = stage["bn"] = f"n{i}"
+        if b.activation is not None:
+            act = b.activation
+            extras = list(act.extra)
+            while extras and extras[-1] is None:
+                extras.pop()
+            act_in = [out] + [
+                self.const(f"act{i}_{k}", extra) if extra is not None else ""
+                for k, extra in enumerate(extras)
+            ]
+            self.node(act.op, act_in, [f"a{i}"], f"act{i}", **act.attrs)
+            out = stage["act"] = f"a{i}"
+        if plan.extra_consumer is not None and plan.extra_consumer[0] == i:
+            _, where, how = plan.extra_consumer
+            value = stage[where]
+            if how == "node":
+                self.node("Neg", [value], [f"{value}_peek"], "peek")
+                self.outputs.append(f"{value}_peek")
+            else:
+                self.outputs.append(value)
+        return out
+
+    def concat(self, ends: list[str]) -> str:
+        """The block's Concat (with the plan's order and extra input); returns its output."""
+        plan = self.plan
+        order = plan.concat_order or list(range(len(ends)))
+        concat_inputs = [ends[k] for k in order]
+        if plan.concat_extra == "foreign":  # same shape as a branch output, not a Conv branch
+            self.node("Mul", [ends[0], ends[0]], ["squared"], "squared")
+            concat_inputs.append("squared")
+        elif plan.concat_extra == "duplicate":
+            concat_inputs.append(ends[0])
+        self.node("Concat", concat_inputs, ["Y"], "concat", axis=plan.concat_axis)
+        return "Y"
+
+    def chained_block(self, y: str) -> str:
+        """``y`` split back into the branches' widths, a 1x1 Conv each, Concat."""
+        plan = self.plan
+        n = len(plan.branches)
+        width = plan.branches[0].out
+        parts2 = [f"y{i}" for i in range(n)]
+        if plan.opset < 13:  # Split took its sizes as an attribute before opset 13
+            self.node("Split", [y], parts2, "split2", axis=1, split=[width] * n)
+        else:
+            self.node("Split", [y, self.i64("y_sizes", [width] * n)], parts2, "split2", axis=1)
+        for i in range(n):
+            w2 = self.r.standard_normal((width, width, *([1] * plan.rank))).astype(np.float32)
+            self.node("Conv", [parts2[i], self.const(f"v{i}", w2)], [f"d{i}"], f"conv2_{i}")
+        self.node("Concat", [f"d{i}" for i in range(n)], ["Y2"], "concat2", axis=1)
+        return "Y2"
+
+
+def _conv_attributes(b: BranchPlan, r: np.random.Generator) -> dict:
+    attrs: dict = {}
+    if b.group != 1:
+        attrs["group"] = b.group
+    for key in ("strides", "dilations", "pads", "output_padding"):
+        if getattr(b, key) is not None:
+            attrs[key] = list(getattr(b, key))
+    if b.auto_pad is not None:
+        attrs["auto_pad"] = b.auto_pad
+    if r.random() < 0.5:
+        attrs["kernel_shape"] = list(b.kernel)
+    return attrs
+
+
+def build(plan: BlockPlan) -> onnx.ModelProto:
+    """The ONNX model a plan describes (seeded random weights, checked by onnx.checker)."""
+    w = _Writer(plan)
     spatial = [f"S{a}" if plan.symbolic_spatial else s for a, s in enumerate(plan.spatial)]
     channels = "C" if plan.symbolic_channels else plan.channels
     x_in = helper.make_tensor_value_info(
@@ -162,121 +257,28 @@ def build(plan: BlockPlan) -> onnx.ModelProto:
     )
     x = "X_in"
     if plan.prefix:
-        nodes.append(helper.make_node("Relu", ["X_in"], ["X"], name="prefix"))
+        w.node("Relu", ["X_in"], ["X"], "prefix")
         x = "X"
-
-    parts = _splitter(plan, x, nodes, const, i64)
+    parts = _splitter(plan, x, w.nodes, w.const, w.i64)
     if plan.side_use == "x":
-        nodes.append(helper.make_node("Sigmoid", [x], ["x_side"], name="x_side"))
-        outputs.append("x_side")
+        w.node("Sigmoid", [x], ["x_side"], "x_side")
+        w.outputs.append("x_side")
     elif plan.side_use == "part":
-        nodes.append(helper.make_node("Sigmoid", [parts[0]], ["part_side"], name="part_side"))
-        outputs.append("part_side")
-
-    ends = []
-    for i, b in enumerate(plan.branches):
-        weight = r.standard_normal(_weight_shape(plan.op, b)).astype(np.float32)
-        if plan.shared_weight and i > 0:
-            conv_in = [parts[i], "w0"]
-        else:
-            conv_in = [parts[i], const(f"w{i}", weight)]
-        if plan.weight_as_input == i:
-            extra_inputs.append(
-                helper.make_tensor_value_info(f"w{i}", TensorProto.FLOAT, weight.shape)
-            )
-        if b.bias:
-            conv_in.append(const(f"b{i}", r.standard_normal(b.out).astype(np.float32)))
-        attrs: dict = {}
-        if b.group != 1:
-            attrs["group"] = b.group
-        for key in ("strides", "dilations", "pads", "output_padding"):
-            if getattr(b, key) is not None:
-                attrs[key] = list(getattr(b, key))
-        if b.auto_pad is not None:
-            attrs["auto_pad"] = b.auto_pad
-        if r.random() < 0.5:
-            attrs["kernel_shape"] = list(b.kernel)
-        stage = {"conv": f"c{i}"}
-        nodes.append(helper.make_node(plan.op, conv_in, [f"c{i}"], name=f"conv{i}", **attrs))
-        out = f"c{i}"
-        if b.batch_norm:
-            params = [
-                r.uniform(0.5, 1.5, b.out), r.standard_normal(b.out),
-                r.standard_normal(b.out), r.uniform(0.5, 2.0, b.out),
-            ]  # fmt: skip
-            names = [const(f"bn{i}_{k}", p.astype(np.float32)) for k, p in enumerate(params)]
-            nodes.append(
-                helper.make_node(
-                    "BatchNormalization", [out, *names], [f"n{i}"], name=f"bn{i}", epsilon=1e-3
-                )
-            )
-            out = stage["bn"] = f"n{i}"
-        if b.activation is not None:
-            act = b.activation
-            act_in = [out]
-            extras = list(act.extra)
-            while extras and extras[-1] is None:
-                extras.pop()
-            for k, extra in enumerate(extras):
-                act_in.append(const(f"act{i}_{k}", extra) if extra is not None else "")
-            nodes.append(helper.make_node(act.op, act_in, [f"a{i}"], name=f"act{i}", **act.attrs))
-            out = stage["act"] = f"a{i}"
-        ends.append(out)
-        if plan.extra_consumer is not None and plan.extra_consumer[0] == i:
-            _, where, how = plan.extra_consumer
-            value = stage[where]
-            if how == "node":
-                nodes.append(helper.make_node("Neg", [value], [f"{value}_peek"], name="peek"))
-                outputs.append(f"{value}_peek")
-            else:
-                outputs.append(value)
-
-    order = plan.concat_order or list(range(n))
-    concat_inputs = [ends[k] for k in order]
-    if plan.concat_extra == "foreign":  # same shape as a branch output, but not a Conv branch
-        nodes.append(helper.make_node("Mul", [ends[0], ends[0]], ["squared"], name="squared"))
-        concat_inputs.append("squared")
-    elif plan.concat_extra == "duplicate":
-        concat_inputs.append(ends[0])
-    nodes.append(
-        helper.make_node("Concat", concat_inputs, ["Y"], axis=plan.concat_axis, name="concat")
-    )
-    y = "Y"
-    if plan.chained:  # Y split back into the branches' widths, a 1x1 Conv each, Concat
-        width = plan.branches[0].out
-        parts2 = [f"y{i}" for i in range(n)]
-        if plan.opset < 13:  # Split took its sizes as an attribute before opset 13
-            split2 = helper.make_node("Split", ["Y"], parts2, axis=1, split=[width] * n)
-        else:
-            split2 = helper.make_node("Split", ["Y", i64("y_sizes", [width] * n)], parts2, axis=1)
-        split2.name = "split2"
-        nodes.append(split2)
-        for i in range(n):
-            w2 = r.standard_normal((width, width, *([1] * rank))).astype(np.float32)
-            nodes.append(
-                helper.make_node(
-                    "Conv", [parts2[i], const(f"v{i}", w2)], [f"d{i}"], name=f"conv2_{i}"
-                )
-            )
-        nodes.append(
-            helper.make_node("Concat", [f"d{i}" for i in range(n)], ["Y2"], axis=1, name="concat2")
-        )
-        y = "Y2"
+        w.node("Sigmoid", [parts[0]], ["part_side"], "part_side")
+        w.outputs.append("part_side")
+    y = w.concat([w.branch(i, b, parts[i]) for i, b in enumerate(plan.branches)])
+    if plan.chained:
+        y = w.chained_block(y)
     if plan.suffix:
-        nodes.append(helper.make_node("Tanh", [y], ["Z"], name="suffix"))
-        outputs.insert(0, "Z")
+        w.node("Tanh", [y], ["Z"], "suffix")
+        w.outputs.insert(0, "Z")
     else:
-        outputs.insert(0, y)
-    graph = helper.make_graph(
-        nodes,
-        "fuzz",
-        [x_in, *extra_inputs],
-        [
-            helper.make_tensor_value_info(name, TensorProto.FLOAT, [None] * (rank + 2))
-            for name in outputs
-        ],
-        inits,
-    )
+        w.outputs.insert(0, y)
+    outputs = [
+        helper.make_tensor_value_info(name, TensorProto.FLOAT, [None] * (plan.rank + 2))
+        for name in w.outputs
+    ]
+    graph = helper.make_graph(w.nodes, "fuzz", [x_in, *w.extra_inputs], outputs, w.inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", plan.opset)])
     model.ir_version = IR_VERSION
     onnx.checker.check_model(model)
@@ -285,101 +287,94 @@ def build(plan: BlockPlan) -> onnx.ModelProto:
 
 def _splitter(plan: BlockPlan, x: str, nodes: list, const, i64) -> list[str]:
     """Nodes taking each branch's input out of ``x``; returns the branch input names."""
-    n = len(plan.branches)
-    parts = [f"x{i}" for i in range(n)]
-    form = plan.splitter
-    axis = plan.split_axis
-    if axis != 1:  # wrong-axis near-miss: equal chunks of the first spatial axis
-        size = plan.spatial[0] // n
-        if form.startswith("split"):
-            sizes = i64("split_sizes", [size] * n)
-            nodes.append(helper.make_node("Split", [x, sizes], parts, axis=axis, name="split"))
-        else:
-            for i in range(n):
-                nodes.append(helper.make_node(
-                    "Slice", [x, i64(f"s{i}", [i * size]), i64(f"e{i}", [(i + 1) * size]),
-                              i64(f"ax{i}", [axis])], [parts[i]], name=f"slice{i}"))  # fmt: skip
-        return parts
-    if form.startswith("split"):
-        widths = [b.in_width for b in plan.branches]
-        outs = list(parts)
-        sizes = list(widths)
-        if plan.lead:
-            outs.insert(0, "x_lead")
-            sizes.insert(0, plan.lead)
-        if plan.tail:
-            outs.append("x_tail")
-            sizes.append(plan.tail)
-        if form == "split-attr":
-            nodes.append(helper.make_node("Split", [x], outs, axis=1, split=sizes, name="split"))
-        elif form == "split-even":  # sizes implied by the number of outputs
-            nodes.append(helper.make_node("Split", [x], outs, axis=1, name="split"))
-        elif form == "split-input":
-            nodes.append(
-                helper.make_node(
-                    "Split", [x, i64("split_sizes", sizes)], outs, axis=1, name="split"
-                )
-            )
-        elif form == "split-num-outputs":
-            nodes.append(
-                helper.make_node("Split", [x], outs, axis=1, num_outputs=len(outs), name="split")
-            )
-        else:
-            raise AssertionError(form)
-        if plan.tail and plan.seed % 2:  # the tail part is used elsewhere: the Split must stay
-            nodes.append(helper.make_node("Sigmoid", ["x_tail"], ["tail_side"], name="tail_side"))
-        return parts
-    channels = plan.channels
-    rank_total = plan.rank + 2
-    for i, b in enumerate(plan.branches):
-        start, end = b.start, b.start + (b.in_width - 1) * b.step + 1
-        axis_value = 1
-        if plan.slice_style == "negative" and not plan.symbolic_channels:
-            start, end = start - channels, end - channels
-            if end == 0:  # -0 would mean "to the start": clamp past the end instead
-                end = 2**62
-        elif plan.slice_style == "clamped" and end == channels:
-            end = 2**62
-        elif plan.slice_style == "negative-axis":
-            axis_value = 1 - rank_total
-        if form == "slice-attr":  # opset 9: bounds as attributes
-            nodes.append(helper.make_node(
-                "Slice", [x], [parts[i]], starts=[start], ends=[end], axes=[axis_value],
-                name=f"slice{i}"))  # fmt: skip
-        elif form == "slice-shape":  # torch.chunk as exported: bounds from Shape arithmetic
-            if i == 0:
-                nodes.append(helper.make_node("Shape", [x], ["x_shape"], name="shape"))
-                nodes.append(
-                    helper.make_node(
-                        "Gather",
-                        ["x_shape", i64("one", [1])],
-                        ["x_channels"],
-                        axis=0,
-                        name="gather",
-                    )
-                )
-                nodes.append(helper.make_node(
-                    "Div", ["x_channels", i64("n_chunks", [len(plan.branches)])], ["chunk"],
-                    name="div"))  # fmt: skip
-            nodes.append(
-                helper.make_node("Mul", ["chunk", i64(f"k{i}", [i])], [f"s{i}"], name=f"start{i}")
-            )
-            nodes.append(
-                helper.make_node(
-                    "Mul", ["chunk", i64(f"k{i}_end", [i + 1])], [f"e{i}"], name=f"end{i}"
-                )
-            )
-            nodes.append(
-                helper.make_node(
-                    "Slice", [x, f"s{i}", f"e{i}", i64(f"ax{i}", [1])], [parts[i]], name=f"slice{i}"
-                )
-            )
-        else:
-            inputs = [x, i64(f"s{i}", [start]), i64(f"e{i}", [end]), i64(f"ax{i}", [axis_value])]
-            if b.step != 1 or plan.seed % 3 == 0:
-                inputs.append(i64(f"st{i}", [b.step]))
-            nodes.append(helper.make_node("Slice", inputs, [parts[i]], name=f"slice{i}"))
+    parts = [f"x{i}" for i in range(len(plan.branches))]
+    if plan.split_axis != 1:  # wrong-axis near-miss: equal chunks of the first spatial axis
+        _off_axis_parts(plan, x, parts, nodes, i64)
+    elif plan.splitter.startswith("split"):
+        _split_parts(plan, x, parts, nodes, i64)
+    else:
+        for i, b in enumerate(plan.branches):
+            _slice_part(plan, i, b, x, parts[i], nodes, i64)
     return parts
+
+
+def _off_axis_parts(plan: BlockPlan, x: str, parts: list[str], nodes: list, i64) -> None:
+    n, axis = len(parts), plan.split_axis
+    size = plan.spatial[0] // n
+    if plan.splitter.startswith("split"):
+        sizes = i64("split_sizes", [size] * n)
+        nodes.append(helper.make_node("Split", [x, sizes], parts, axis=axis, name="split"))
+        return
+    for i in range(n):
+        nodes.append(helper.make_node(
+            "Slice", [x, i64(f"s{i}", [i * size]), i64(f"e{i}", [(i + 1) * size]),
+                      i64(f"ax{i}", [axis])], [parts[i]], name=f"slice{i}"))  # fmt: skip
+
+
+def _split_parts(plan: BlockPlan, x: str, parts: list[str], nodes: list, i64) -> None:
+    form = plan.splitter
+    outs = list(parts)
+    sizes = [b.in_width for b in plan.branches]
+    if plan.lead:
+        outs.insert(0, "x_lead")
+        sizes.insert(0, plan.lead)
+    if plan.tail:
+        outs.append("x_tail")
+        sizes.append(plan.tail)
+    if form == "split-attr":
+        nodes.append(helper.make_node("Split", [x], outs, axis=1, split=sizes, name="split"))
+    elif form == "split-even":  # sizes implied by the number of outputs
+        nodes.append(helper.make_node("Split", [x], outs, axis=1, name="split"))
+    elif form == "split-input":
+        nodes.append(
+            helper.make_node("Split", [x, i64("split_sizes", sizes)], outs, axis=1, name="split")
+        )
+    elif form == "split-num-outputs":
+        nodes.append(
+            helper.make_node("Split", [x], outs, axis=1, num_outputs=len(outs), name="split")
+        )
+    else:
+        raise AssertionError(form)
+    if plan.tail and plan.seed % 2:  # the tail part is used elsewhere: the Split must stay
+        nodes.append(helper.make_node("Sigmoid", ["x_tail"], ["tail_side"], name="tail_side"))
+
+
+def _slice_part(
+    plan: BlockPlan, i: int, b: BranchPlan, x: str, part: str, nodes: list, i64
+) -> None:
+    channels = plan.channels
+    start, end = b.start, b.start + (b.in_width - 1) * b.step + 1
+    axis_value = 1
+    if plan.slice_style == "negative" and not plan.symbolic_channels:
+        start, end = start - channels, end - channels
+        if end == 0:  # -0 would mean "to the start": clamp past the end instead
+            end = 2**62
+    elif plan.slice_style == "clamped" and end == channels:
+        end = 2**62
+    elif plan.slice_style == "negative-axis":
+        axis_value = 1 - (plan.rank + 2)
+    if plan.splitter == "slice-attr":  # opset 9: bounds as attributes
+        nodes.append(helper.make_node(
+            "Slice", [x], [part], starts=[start], ends=[end], axes=[axis_value],
+            name=f"slice{i}"))  # fmt: skip
+    elif plan.splitter == "slice-shape":  # torch.chunk as exported: bounds from Shape arithmetic
+        if i == 0:
+            nodes.append(helper.make_node("Shape", [x], ["x_shape"], name="shape"))
+            nodes.append(helper.make_node(
+                "Gather", ["x_shape", i64("one", [1])], ["x_channels"], axis=0, name="gather"))  # fmt: skip
+            nodes.append(helper.make_node(
+                "Div", ["x_channels", i64("n_chunks", [len(plan.branches)])], ["chunk"],
+                name="div"))  # fmt: skip
+        nodes.append(helper.make_node("Mul", ["chunk", i64(f"k{i}", [i])], [f"s{i}"], name=f"start{i}"))  # fmt: skip
+        nodes.append(helper.make_node(
+            "Mul", ["chunk", i64(f"k{i}_end", [i + 1])], [f"e{i}"], name=f"end{i}"))  # fmt: skip
+        nodes.append(helper.make_node(
+            "Slice", [x, f"s{i}", f"e{i}", i64(f"ax{i}", [1])], [part], name=f"slice{i}"))  # fmt: skip
+    else:
+        inputs = [x, i64(f"s{i}", [start]), i64(f"e{i}", [end]), i64(f"ax{i}", [axis_value])]
+        if b.step != 1 or plan.seed % 3 == 0:
+            inputs.append(i64(f"st{i}", [b.step]))
+        nodes.append(helper.make_node("Slice", inputs, [part], name=f"slice{i}"))
 
 
 # --------------------------------------------------------------------------------- strategies
@@ -603,152 +598,223 @@ def _fit_activation(plan: BlockPlan) -> None:
 
 
 def _mutate(draw, plan: BlockPlan, mutation: str) -> None:
-    n = len(plan.branches)
-    branches = plan.branches
-    k = draw(st.integers(0, n - 1))
-    if mutation == "permuted-concat":
-        order = list(draw(st.permutations(range(n))))
-        if order == sorted(order):
-            order = order[1:] + order[:1]
-        plan.concat_order = order
-    elif mutation == "uneven-split":
-        if plan.splitter == "split-num-outputs":
-            # ceil-sized chunks: channels n*w - 1 give the last part one channel less.
-            for b in branches:
-                b.group = 1
-                b.in_width = max(b.in_width, 2)
-            branches[-1].in_width -= 1
-            plan.lead = plan.tail = 0
-        else:
-            if plan.splitter in EVEN_FORMS:
-                plan.splitter = "split-input"
-                plan.opset = 13
-                _fit_activation(plan)
-            branches[k].in_width += branches[k].group
-        plan.layout()
-    elif mutation == "overlapping-slice":
-        _force_slices(draw, plan)
-        k = max(k, 1)
-        for b in branches[k:]:
-            b.start -= 1
-    elif mutation == "strided-slice":
-        _force_slices(draw, plan)
-        if plan.splitter == "slice-attr":  # opset 9 Slice has no steps
-            plan.splitter, plan.opset = "slice", 13
-        branches[k].step = 2
-        shift = branches[k].in_width - 1
-        for b in branches[k + 1 :]:
-            b.start += shift
-    elif mutation == "gap-inside":
-        _force_slices(draw, plan)
-        k = max(k, 1)
-        for b in branches[k:]:
-            b.start += 1
-    elif mutation == "wrong-axis-concat":
-        plan.concat_axis = 2
-    elif mutation == "wrong-axis-split":
-        plan.split_axis = 2
-        plan.lead = plan.tail = 0
-        if plan.splitter not in ("split-input", "slice"):
-            plan.splitter = draw(st.sampled_from(["split-input", "slice"]))
-            plan.opset = 13
-            _fit_activation(plan)
-        plan.spatial[0] *= n
-        plan.symbolic_spatial = False
-        plan.side_use = None if plan.side_use == "part" else plan.side_use
-    elif mutation == "extra-consumer":
-        b = branches[k]
-        stages = ["conv"] + (["bn"] if b.batch_norm else []) + (["act"] if b.activation else [])
-        plan.extra_consumer = (
-            k,
-            draw(st.sampled_from(stages)),
-            draw(st.sampled_from(["node", "output"])),
-        )
-    elif mutation == "drift-pads":
-        _drift_pads(draw, plan, k)
-    elif mutation == "drift-auto-pad":
-        plan.op = "Conv"
-        for b in branches:
-            b.kernel = tuple(2 for _ in b.kernel)
-            b.dilations = b.strides = b.pads = b.output_padding = None
-            b.auto_pad = "SAME_UPPER"
-        branches[k].auto_pad = "SAME_LOWER"
-        plan.spatial = [max(s, 2) for s in plan.spatial]
-    elif mutation == "drift-kernel":
-        _drift_kernel(draw, plan, k)
-    elif mutation == "drift-strides":
-        # Same output size needs a kernel spanning the whole first axis without padding.
-        for b in branches:
-            b.auto_pad = None
-            b.kernel = (plan.spatial[0], *b.kernel[1:])
-            dil = list(b.dilations or (1,) * plan.rank)
-            dil[0] = 1
-            b.dilations = tuple(dil)
-            rank = plan.rank
-            pads = list(b.pads or (0,) * (2 * rank))
-            pads[0] = pads[rank] = 0
-            b.pads = tuple(pads)
-            strides = list(b.strides or (1,) * rank)
-            strides[0] = 1
-            b.strides = tuple(strides)
-            if b.output_padding is not None:
-                b.output_padding = (0, *b.output_padding[1:])
-        strides = list(branches[k].strides)
-        strides[0] = 2
-        branches[k].strides = tuple(strides)
-        if plan.op == "ConvTranspose":  # output = s*(L-1)+k: equal only when L == 1
-            plan.spatial[0] = 1
-            for b in branches:
-                b.kernel = (1, *b.kernel[1:])
-        plan.symbolic_spatial = False
-    elif mutation == "drift-group":
-        b = branches[k]
-        if b.group > 1:
-            b.group = 1
-        else:
-            for other in branches:  # group 2 needs even channel counts
-                other.in_width += other.in_width % 2
-                other.out += other.out % 2
-            b.group = 2
-        if plan.lead or plan.tail:
-            plan.lead = plan.lead and branches[0].in_width
-            plan.tail = plan.tail and branches[0].in_width
-        plan.layout()
-    elif mutation == "drift-out-channels":
-        b = branches[k]
-        b.out += b.group
-        plan.concat_axis = 1
-    elif mutation == "drift-activation":
-        b = branches[k]
-        current = b.activation.op if b.activation else None
-        choices = [op for op in (None, "Relu", "Sigmoid", "Tanh") if op != current]
-        new = draw(st.sampled_from(choices))
-        b.activation = Activation(new, {}) if new else None
-        if current == "LeakyRelu" and draw(st.booleans()):  # same op, other alpha
-            b.activation = Activation("LeakyRelu", {"alpha": 0.77})
-    elif mutation == "symbolic-channels":
-        plan.symbolic_channels = True
-        plan.lead = plan.tail = 0
-        if plan.splitter in ("split-attr", "split-input"):
-            plan.splitter = draw(st.sampled_from(["split-even", "split-num-outputs", "slice"]))
-            plan.opset = SPLITTER_OPSETS[plan.splitter][-1]
-            _fit_activation(plan)
-        if plan.slice_style == "negative":
-            plan.slice_style = "plain"
-        plan.layout()
-    elif mutation == "weight-fed-at-run-time":
-        plan.weight_as_input = k
-        plan.shared_weight = False
-    elif mutation == "foreign-concat-input":
-        plan.concat_extra = "foreign"
-        plan.concat_axis = 1
-    elif mutation == "duplicate-concat-input":
-        plan.concat_extra = "duplicate"
-        plan.concat_axis = 1
-    else:
-        raise AssertionError(mutation)
+    k = draw(st.integers(0, len(plan.branches) - 1))
+    _MUTATIONS[mutation](draw, plan, k)
     if mutation != "wrong-axis-concat":
         plan.concat_axis = 1 if plan.concat_axis == 2 else plan.concat_axis
+
+
+def _mutation_permuted_concat(draw, plan: BlockPlan, _k: int) -> None:
+    n = len(plan.branches)
+    order = list(draw(st.permutations(range(n))))
+    if order == sorted(order):
+        order = order[1:] + order[:1]
+    plan.concat_order = order
+
+
+def _mutation_uneven_split(draw, plan: BlockPlan, k: int) -> None:
+    branches = plan.branches
+    if plan.splitter == "split-num-outputs":
+        # ceil-sized chunks: channels n*w - 1 give the last part one channel less.
+        for b in branches:
+            b.group = 1
+            b.in_width = max(b.in_width, 2)
+        branches[-1].in_width -= 1
+        plan.lead = plan.tail = 0
+    else:
+        if plan.splitter in EVEN_FORMS:
+            plan.splitter = "split-input"
+            plan.opset = 13
+            _fit_activation(plan)
+        branches[k].in_width += branches[k].group
+    plan.layout()
+
+
+def _mutation_overlapping_slice(draw, plan: BlockPlan, k: int) -> None:
+    branches = plan.branches
+    _force_slices(draw, plan)
+    k = max(k, 1)
+    for b in branches[k:]:
+        b.start -= 1
+
+
+def _mutation_strided_slice(draw, plan: BlockPlan, k: int) -> None:
+    branches = plan.branches
+    _force_slices(draw, plan)
+    if plan.splitter == "slice-attr":  # opset 9 Slice has no steps
+        plan.splitter, plan.opset = "slice", 13
+    branches[k].step = 2
+    shift = branches[k].in_width - 1
+    for b in branches[k + 1 :]:
+        b.start += shift
+
+
+def _mutation_gap_inside(draw, plan: BlockPlan, k: int) -> None:
+    branches = plan.branches
+    _force_slices(draw, plan)
+    k = max(k, 1)
+    for b in branches[k:]:
+        b.start += 1
+
+
+def _mutation_wrong_axis_concat(draw, plan: BlockPlan, _k: int) -> None:
+    plan.concat_axis = 2
+
+
+def _mutation_wrong_axis_split(draw, plan: BlockPlan, _k: int) -> None:
+    n = len(plan.branches)
+    plan.split_axis = 2
+    plan.lead = plan.tail = 0
+    if plan.splitter not in ("split-input", "slice"):
+        plan.splitter = draw(st.sampled_from(["split-input", "slice"]))
+        plan.opset = 13
+        _fit_activation(plan)
+    plan.spatial[0] *= n
+    plan.symbolic_spatial = False
+    plan.side_use = None if plan.side_use == "part" else plan.side_use
+
+
+def _mutation_extra_consumer(draw, plan: BlockPlan, k: int) -> None:
+    branches = plan.branches
+    b = branches[k]
+    stages = ["conv"] + (["bn"] if b.batch_norm else []) + (["act"] if b.activation else [])
+    plan.extra_consumer = (
+        k,
+        draw(st.sampled_from(stages)),
+        draw(st.sampled_from(["node", "output"])),
+    )
+
+
+def _mutation_drift_pads(draw, plan: BlockPlan, k: int) -> None:
+    _drift_pads(draw, plan, k)
+
+
+def _mutation_drift_auto_pad(draw, plan: BlockPlan, k: int) -> None:
+    branches = plan.branches
+    plan.op = "Conv"
+    for b in branches:
+        b.kernel = tuple(2 for _ in b.kernel)
+        b.dilations = b.strides = b.pads = b.output_padding = None
+        b.auto_pad = "SAME_UPPER"
+    branches[k].auto_pad = "SAME_LOWER"
+    plan.spatial = [max(s, 2) for s in plan.spatial]
+
+
+def _mutation_drift_kernel(draw, plan: BlockPlan, k: int) -> None:
+    _drift_kernel(draw, plan, k)
+
+
+def _mutation_drift_strides(draw, plan: BlockPlan, k: int) -> None:
+    branches = plan.branches
+    # Same output size needs a kernel spanning the whole first axis without padding.
+    for b in branches:
+        b.auto_pad = None
+        b.kernel = (plan.spatial[0], *b.kernel[1:])
+        dil = list(b.dilations or (1,) * plan.rank)
+        dil[0] = 1
+        b.dilations = tuple(dil)
+        rank = plan.rank
+        pads = list(b.pads or (0,) * (2 * rank))
+        pads[0] = pads[rank] = 0
+        b.pads = tuple(pads)
+        strides = list(b.strides or (1,) * rank)
+        strides[0] = 1
+        b.strides = tuple(strides)
+        if b.output_padding is not None:
+            b.output_padding = (0, *b.output_padding[1:])
+    strides = list(branches[k].strides)
+    strides[0] = 2
+    branches[k].strides = tuple(strides)
+    if plan.op == "ConvTranspose":  # output = s*(L-1)+k: equal only when L == 1
+        plan.spatial[0] = 1
+        for b in branches:
+            b.kernel = (1, *b.kernel[1:])
+    plan.symbolic_spatial = False
+
+
+def _mutation_drift_group(draw, plan: BlockPlan, k: int) -> None:
+    branches = plan.branches
+    b = branches[k]
+    if b.group > 1:
+        b.group = 1
+    else:
+        for other in branches:  # group 2 needs even channel counts
+            other.in_width += other.in_width % 2
+            other.out += other.out % 2
+        b.group = 2
+    if plan.lead or plan.tail:
+        plan.lead = plan.lead and branches[0].in_width
+        plan.tail = plan.tail and branches[0].in_width
+    plan.layout()
+
+
+def _mutation_drift_out_channels(draw, plan: BlockPlan, k: int) -> None:
+    branches = plan.branches
+    b = branches[k]
+    b.out += b.group
+    plan.concat_axis = 1
+
+
+def _mutation_drift_activation(draw, plan: BlockPlan, k: int) -> None:
+    branches = plan.branches
+    b = branches[k]
+    current = b.activation.op if b.activation else None
+    choices = [op for op in (None, "Relu", "Sigmoid", "Tanh") if op != current]
+    new = draw(st.sampled_from(choices))
+    b.activation = Activation(new, {}) if new else None
+    if current == "LeakyRelu" and draw(st.booleans()):  # same op, other alpha
+        b.activation = Activation("LeakyRelu", {"alpha": 0.77})
+
+
+def _mutation_symbolic_channels(draw, plan: BlockPlan, _k: int) -> None:
+    plan.symbolic_channels = True
+    plan.lead = plan.tail = 0
+    if plan.splitter in ("split-attr", "split-input"):
+        plan.splitter = draw(st.sampled_from(["split-even", "split-num-outputs", "slice"]))
+        plan.opset = SPLITTER_OPSETS[plan.splitter][-1]
+        _fit_activation(plan)
+    if plan.slice_style == "negative":
+        plan.slice_style = "plain"
+    plan.layout()
+
+
+def _mutation_weight_fed_at_run_time(draw, plan: BlockPlan, k: int) -> None:
+    plan.weight_as_input = k
+    plan.shared_weight = False
+
+
+def _mutation_foreign_concat_input(draw, plan: BlockPlan, _k: int) -> None:
+    plan.concat_extra = "foreign"
+    plan.concat_axis = 1
+
+
+def _mutation_duplicate_concat_input(draw, plan: BlockPlan, _k: int) -> None:
+    plan.concat_extra = "duplicate"
+    plan.concat_axis = 1
+
+
+# mutation -> how it changes a foldable plan (branch k is the one that drifts)
+_MUTATIONS = {
+    "permuted-concat": _mutation_permuted_concat,
+    "uneven-split": _mutation_uneven_split,
+    "overlapping-slice": _mutation_overlapping_slice,
+    "strided-slice": _mutation_strided_slice,
+    "gap-inside": _mutation_gap_inside,
+    "wrong-axis-concat": _mutation_wrong_axis_concat,
+    "wrong-axis-split": _mutation_wrong_axis_split,
+    "extra-consumer": _mutation_extra_consumer,
+    "drift-pads": _mutation_drift_pads,
+    "drift-auto-pad": _mutation_drift_auto_pad,
+    "drift-kernel": _mutation_drift_kernel,
+    "drift-strides": _mutation_drift_strides,
+    "drift-group": _mutation_drift_group,
+    "drift-out-channels": _mutation_drift_out_channels,
+    "drift-activation": _mutation_drift_activation,
+    "symbolic-channels": _mutation_symbolic_channels,
+    "weight-fed-at-run-time": _mutation_weight_fed_at_run_time,
+    "foreign-concat-input": _mutation_foreign_concat_input,
+    "duplicate-concat-input": _mutation_duplicate_concat_input,
+}
 
 
 def _drift_pads(draw, plan: BlockPlan, k: int) -> None:
