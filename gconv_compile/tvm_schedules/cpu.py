@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from tvm import s_tir, tirx
 from tvm.target import Target
 
+from gconv_compile.errors import tvm_message
 from gconv_compile.targets import host_llvm_target
 
 from ._conv import ConvInfo, find_conv, single_epilogue
@@ -248,14 +249,9 @@ def schedule_conv(
         packing = _apply(sch, conv, tile)
     except Exception as err:  # noqa: BLE001 - TVM raises many kinds; the conv stays unscheduled
         logger.debug("cpu conv schedule failed for %s: %s", conv.describe(), err)
-        return None, "", f"{conv.describe()}: schedule failed ({_first_line(err)})", None
+        return None, "", f"{conv.describe()}: schedule failed ({tvm_message(err)})", None
     func = sch.mod["main"].with_attr("tirx.is_scheduled", True)
     return func, f"cpu-{conv.kind}-conv", f"{conv.describe()}: {tile.describe()}", packing
-
-
-def _first_line(err: Exception) -> str:
-    lines = [ln for ln in str(err).splitlines() if ln.strip()]
-    return lines[-1][:160] if lines else type(err).__name__
 
 
 def _apply(sch: s_tir.Schedule, conv: ConvInfo, tile: CpuTile) -> Packing | None:
