@@ -1,4 +1,9 @@
-"""Model builders shared by the tests: small graphs with seeded random weights."""
+"""Model builders shared by the tests: small graphs with seeded random weights.
+
+Also the fold pass tests' model and check helpers (``block_model``, ``assert_folds``,
+``assert_refused``), which four test modules share. The module is a little over 600 lines
+because the house style keeps the tests' shared builders in this one helper module.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,9 @@ from collections.abc import Sequence
 
 import numpy as np
 import onnx
+import onnx_ir as ir
+from gconv_compile.passes import FoldSplitConvConcat
+from gconv_compile.passes._common import const_array
 from onnx import TensorProto, helper, numpy_helper
 
 OPSET = 17
@@ -259,20 +267,13 @@ class GraphBuilder:
     ) -> str:
         consts = consts or self
         r = self.rng
-        params = [
-            consts.const(
-                r.uniform(0.5, 1.5, channels).astype(np.float32), "bn_scale", as_node=as_node
-            ),
-            consts.const(
-                r.standard_normal(channels).astype(np.float32), "bn_bias", as_node=as_node
-            ),
-            consts.const(
-                r.standard_normal(channels).astype(np.float32), "bn_mean", as_node=as_node
-            ),
-            consts.const(
-                r.uniform(0.5, 2.0, channels).astype(np.float32), "bn_var", as_node=as_node
-            ),
-        ]
+        draws = (
+            ("bn_scale", lambda: r.uniform(0.5, 1.5, channels)),
+            ("bn_bias", lambda: r.standard_normal(channels)),
+            ("bn_mean", lambda: r.standard_normal(channels)),
+            ("bn_var", lambda: r.uniform(0.5, 2.0, channels)),
+        )  # drawn in this order: the models stay the same as when the tests were written
+        params = [consts.const(d().astype(np.float32), k, as_node=as_node) for k, d in draws]
         attrs.setdefault("epsilon", 1e-3)
         return self.op("BatchNormalization", [x, *params], **attrs)
 
@@ -493,3 +494,133 @@ def _block_branch(
 def any_tensor(name: str, rank: int = 4, dtype=TensorProto.FLOAT):
     """A value_info of known rank and unknown dims (graph outputs whose shape is left open)."""
     return helper.make_tensor_value_info(name, dtype, [None] * rank)
+
+
+# ------------------------------------------------------------------------------------------
+# The fold pass tests' models and checks (tests/test_fold_split_conv_concat.py and
+# tests/test_passes_fold_*.py).
+
+CONV_OPS = ("Conv", "ConvTranspose")
+# X with a symbolic channel dim, and the sizes onnxruntime runs it with.
+SYMBOLIC_C = ["N", "C", 7, 6]
+SYMBOLIC_C_FEED = {"X": [2, 8, 7, 6]}
+
+
+def kernel_override(kernel, **attrs) -> dict:
+    """A ``conv_block`` override: this branch's kernel, and its Conv attributes if given."""
+    return {"kernel": kernel, "conv_attrs": attrs or None}
+
+
+def block_model(*, channels=8, spatial=None, batch="N", opset=None, seed=0, x_shape=None, **block):
+    """X -> conv_block(...) -> Y as a model; the opset follows the split form unless given."""
+    b = GraphBuilder(seed)
+    conv_block(b, "X", channels=channels, output="Y", **block)
+    rank = len(block.get("kernel", (3, 3)))
+    spatial = spatial or (7, 6, 5)[:rank]
+    opset = opset or {"split11": 11, "split18": 18}.get(block.get("form", "split13"), 17)
+    shape = x_shape or [batch, channels, *spatial]
+    return b.model([tensor_info("X", shape)], [any_tensor("Y", len(shape))], opset=opset)
+
+
+def run_fold(proto: onnx.ModelProto, **options) -> tuple[ir.passes.PassResult, FoldSplitConvConcat]:
+    model = ir.serde.deserialize_model(proto)
+    fold_pass = FoldSplitConvConcat(**options)
+    return fold_pass(model), fold_pass
+
+
+def serialized(model: ir.Model) -> bytes:
+    return ir.serde.serialize_model(model).SerializeToString()
+
+
+def assert_one_conv(
+    graph, *, group, weight_shape, op="Conv", output="Y", activation=None, keep=()
+) -> ir.Node:
+    """The graph holds exactly one Conv/ConvTranspose, folded as expected, feeding ``output``."""
+    ops = [node.op_type for node in graph]
+    convs = [node for node in graph if node.op_type in CONV_OPS]
+    assert [c.op_type for c in convs] == [op], ops
+    for gone in ("Split", "Concat"):
+        if gone not in keep:
+            assert gone not in ops, ops
+    conv = convs[0]
+    assert conv.attributes["group"].as_int() == group
+    assert not dead_initializers(graph)
+    weight = const_array(conv.inputs[1])
+    assert weight is not None and list(weight.shape) == list(weight_shape)
+    if output is not None:
+        (out,) = [v for v in graph.outputs if v.name == output]
+        producer = out.producer()
+        if activation is None:
+            assert producer is conv
+        else:
+            assert producer.op_type == activation
+            assert producer.inputs[0].producer() is conv
+    return conv
+
+
+def assert_folds(
+    proto,
+    ort_equal,
+    *,
+    group,
+    weight_shape,
+    op="Conv",
+    activation=None,
+    shapes=None,
+    tolerance=(None, None),
+    rewrites=1,
+    **options,
+) -> tuple[ir.Model, FoldSplitConvConcat, ir.Node]:
+    """Run the pass; check modified, structure, checker validity and onnxruntime numbers."""
+    result, fold_pass = run_fold(proto, **options)
+    assert result.modified is True, [s.reason for s in fold_pass.skips]
+    assert len(fold_pass.rewrites) == rewrites
+    assert fold_pass.rewrites[-1].details["group"] == group
+    conv = assert_one_conv(
+        result.model.graph, group=group, weight_shape=weight_shape, op=op, activation=activation
+    )
+    onnx.checker.check_model(ir.serde.serialize_model(result.model), full_check=True)
+    ort_equal(proto, result.model, shapes=shapes, atol=tolerance[0], rtol=tolerance[1])
+    return result.model, fold_pass, conv
+
+
+def assert_refused(proto, reason, ort_equal, *, run_ort=True, shapes=None, **options) -> None:
+    """The pass leaves the model byte-identical, says why, and outputs are unchanged."""
+    untouched = serialized(ir.serde.deserialize_model(proto))
+    result, fold_pass = run_fold(proto, **options)
+    assert result.modified is False
+    assert fold_pass.rewrites == []
+    reasons = [skip.reason for skip in fold_pass.skips]
+    assert len(reasons) == 1 and reason in reasons[0], reasons
+    assert serialized(result.model) == untouched
+    if run_ort:
+        ort_equal(proto, result.model, shapes=shapes)
+
+
+def dead_initializers(graph) -> list[str]:
+    return [
+        name
+        for name, value in graph.initializers.items()
+        if not value.uses() and not value.is_graph_output()
+    ]
+
+
+def concat_node(proto: onnx.ModelProto) -> onnx.NodeProto:
+    return [n for n in proto.graph.node if n.op_type == "Concat"][-1]
+
+
+def producer_of(proto: onnx.ModelProto, name: str) -> onnx.NodeProto:
+    return next(n for n in proto.graph.node if name in n.output)
+
+
+def branch_value(proto: onnx.ModelProto, steps_back: int = 0, branch: int = 0) -> str:
+    """A value inside a branch: the Concat input, or ``steps_back`` producers above it."""
+    name = concat_node(proto).input[branch]
+    for _ in range(steps_back):
+        name = producer_of(proto, name).input[0]
+    return name
+
+
+def checked(proto: onnx.ModelProto) -> onnx.ModelProto:
+    onnx.checker.check_model(proto)
+    return proto

@@ -18,6 +18,10 @@ symbolic batch and spatial dims) and builds it directly as an ONNX proto. Then:
 
 ``make test`` runs the ``ci`` profile (fixed, derandomized examples); ``make fuzz`` runs
 ``long`` (``GCONV_FUZZ_EXAMPLES`` examples per test). See tests/hypothesis_profiles.py.
+
+The module is over 600 lines on purpose: the plans, the model writer, the strategies, the
+near-miss mutations and the properties are one differential-testing harness that changes
+together; split up, its parts would need a second shared helper module beside builders.py.
 """
 
 from __future__ import annotations
