@@ -338,6 +338,11 @@ def main(argv: list[str] | None = None) -> int:
         result = run_model(row, args, torch_ref, timer, copy)
         report["models"].append(result)
         print(line(result), flush=True)
+    report["cuda_build_errors"] = {f"{r['name']}.{r['dtype']}": r["cuda_build_error"]
+                                   for r in rows if r.get("cuda_build_error")}  # fmt: skip
+    if args.rehearse and report["cuda_build_errors"]:
+        print(f"gpu_run: note: the kit's build could not compile {len(report['cuda_build_errors'])}"
+              f" CUDA librar(y/ies), which fail on the GPU: {', '.join(report['cuda_build_errors'])}")  # fmt: skip
     (args.out / "gpu_results.json").write_text(json.dumps(report, indent=1) + "\n")
     (args.out / "gpu_results.md").write_text(markdown(report))
     failed = [f"{r['name']}.{r['dtype']}" for r in report["models"] if not r["passed"]]
