@@ -410,7 +410,10 @@ def _check_conv_attributes(branches: list[Branch], mixconv: bool) -> bool:
     dtypes = {b.weight.dtype for b in branches}
     if len(dtypes) > 1:
         raise Refusal(f"branch weights have different types {sorted(map(str, dtypes))}")
-    outs = [b.geometry.out_channels for b in branches]
+    # What the weights hold per row: C_out for Conv, C_out/group for ConvTranspose (so a group
+    # drift between ConvTransposes is reported here, in the words users have seen so far).
+    outs = [b.geometry.out_per_group if b.geometry.transpose else b.geometry.out_channels
+            for b in branches]  # fmt: skip
     if len(set(outs)) > 1:
         raise Refusal(f"branches have different output channel counts {outs}")
     for field in ("group", "strides", "output_padding", "output_shape"):
