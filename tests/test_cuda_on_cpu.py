@@ -115,6 +115,8 @@ GROUPED = [
     pytest.param(
         dict(c_in=32, c_out=32, size=(8, 8), group=8, epilogue="residual"), id="g8-residual"
     ),  # fmt: skip
+    pytest.param(dict(c_in=128, c_out=128, size=(7, 7), group=4), id="g4-32ch-7x7"),
+    pytest.param(dict(c_in=512, c_out=64, size=(8, 8), group=2), id="g2-256ch-staged"),
 ]
 DEPTHWISE = [
     pytest.param(dict(c_in=32, c_out=32, size=(14, 14), group=32), id="dw-14x14"),
@@ -145,6 +147,23 @@ def test_channel_multiplier_groups_equal_channels():
     model, model_f32, x = conv_case(8, 16, (9, 9), group=8)
     kernel = the_kernel(model, "cuda-grouped-igemm")
     np.testing.assert_allclose(run(kernel, x), reference(model_f32, x), **TOL["float32"])
+
+
+def test_cases_cover_every_tile_form():
+    """The grouped cases reach each way the schedule tiles: a block inside a group, whole
+    groups per block, input channels in several shared stages, the reduction split over
+    threads."""
+    forms = set()
+    for param in GROUPED:
+        kernel = the_kernel(conv_case(**param.values[0])[0], "cuda-grouped-igemm")
+        detail = kernel.detail
+        tile_ch = int(re.search(r"block tile (\d+) ch", detail).group(1))
+        per_group = param.values[0]["c_out"] // param.values[0]["group"]
+        forms.add("inside a group" if tile_ch <= per_group else "whole groups")
+        stage = int(re.search(r"(\d+) input ch per shared stage", detail).group(1))
+        forms.add("staged" if stage < param.values[0]["c_in"] // param.values[0]["group"] else "")
+        forms.add("split" if "reduction split" in detail else "")
+    assert forms >= {"inside a group", "whole groups", "staged", "split"}, forms
 
 
 # ------------------------------------------------------------------------------- planted bugs

@@ -27,7 +27,7 @@ from tvm import s_tir, tirx
 from tvm.target import Target
 
 from ._conv import ConvInfo, find_conv, single_epilogue
-from .cuda_tiles import CudaTile, choose_tile
+from .cuda_tiles import CudaTile, choose_tile, fmas_per_thread
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ def schedule_conv(
         why = "spatial tiles with the input halo in shared memory"
     func = sch.mod["main"].with_attr("tirx.is_scheduled", True)
     # read by tools that bound the kernel statically (cuda_static)
-    func = func.with_attr("gconv.outputs_per_thread", tile.outputs_per_thread)
+    func = func.with_attr("gconv.fmas_per_thread", fmas_per_thread(conv, tile))
     return func, form_name, f"{conv.describe()}: {why}; {tile.describe()}", None
 
 
@@ -86,31 +86,87 @@ def _apply(sch: s_tir.Schedule, conv: ConvInfo, tile: CudaTile) -> None:
     w_shared = sch.cache_read(block, w_idx, "shared")
     if conv.pad_block is not None:
         sch.compute_inline(conv.pad_block)  # padding folds into the shared-memory load
-
+    if tile.k_split > 1:
+        _apply_split(sch, conv, tile, (x_shared, w_shared), epilogue)
+        return
     n, f, y, x, rc, ry, rx = sch.get_loops(block)
+    rc_o, rc_i = sch.split(rc, [None, tile.rc_i])
+    block_tile, threads, inner = _tile_loops(
+        sch, tile, conv.out_per_group, (n, f, y, x), (rc_o,), (rc_i, ry, rx)
+    )
+    _unroll(sch, conv, tile, inner)
+    for cache in (x_shared, w_shared):
+        _cooperative_load(sch, cache, rc_o, tile.threads)
+    sch.decompose_reduction(block, rc_o)
+    sch.reverse_compute_at(epilogue, threads, preserve_unit_loops=True)
+
+
+def _apply_split(sch: s_tir.Schedule, conv: ConvInfo, tile: CudaTile, caches, epilogue) -> None:
+    """Each output summed by k_split threads over slices of the input channels: partial sums
+    in registers, then shared memory, then one thread per output adds them up."""
+    final = conv.block
+    n, f, y, x, rc, ry, rx = sch.get_loops(final)
+    rc_s, rc_r = sch.split(rc, [tile.k_split, None])
+    partial = sch.rfactor(rc_s, factor_axis=0)
+    sch.set_scope(partial, 0, "shared")
+    store = sch.cache_write(partial, 0, "local")
+    n, f, y, x, rc_s, rc_r, ry, rx = sch.get_loops(partial)
+    block_tile, threads, inner = _tile_loops(
+        sch, tile, conv.out_per_group, (n, f, y, x), (), (rc_r, ry, rx), rc_s
+    )
+    _unroll(sch, conv, tile, inner)
+    for cache in caches:
+        _cooperative_load(sch, cache, block_tile, tile.threads)
+    sch.decompose_reduction(partial, inner[0])
+    sch.reverse_compute_at(store, threads, preserve_unit_loops=True)
+    sch.reverse_compute_at(final, block_tile, preserve_unit_loops=True)
+    loops = sch.get_loops(final)
+    at = next(i for i, lp in enumerate(loops) if sch.get(lp).same_as(sch.get(block_tile)))
+    # the summing block's loops: the split axis (rfactor put it first), then n, f, y, x
+    split_axis, *outputs = loops[at + 1 :]
+    sch.reorder(*outputs, split_axis)
+    spatial = sch.fuse(*outputs)
+    _, tx = sch.split(spatial, [None, tile.threads])
+    sch.bind(tx, "threadIdx.x")
+    sch.reverse_compute_at(epilogue, tx, preserve_unit_loops=True)
+
+
+def _tile_loops(sch, tile: CudaTile, kg: int, spatial, outer_reduce, inner_reduce, split_axis=None):
+    """Block and thread tiling of the conv's (n, f, y, x) loops; returns the block loop, the
+    thread loop and the unrollable inner loops (reduction first, then the register tile)."""
+    n, f, y, x = spatial
     f_o, f_tx, f_t = sch.split(f, [None, tile.f_tile // tile.f_t, tile.f_t])
+    # group (or group block) and channel tile as separate block axes: the input tile of a block
+    # is then provably its own group's channels
+    group, f_o = sch.split(f_o, [None, kg // tile.f_tile]) if tile.f_tile < kg else (f_o, None)
     y_o, y_tx = sch.split(y, [None, tile.rows])
     # each thread owns x_t adjacent columns: the epilogue then covers exactly its outputs
     x_o, x_tx, x_t = sch.split(x, [None, tile.cols // tile.x_t, tile.x_t])
-    rc_o, rc_i = sch.split(rc, [None, tile.rc_i])
-    sch.reorder(n, f_o, y_o, x_o, f_tx, y_tx, x_tx, rc_o, rc_i, ry, rx, f_t, x_t)
-    block_tile = sch.fuse(f_o, y_o, x_o)
-    threads = sch.fuse(f_tx, y_tx, x_tx)
-    sch.bind(n, "blockIdx.y")
+    lanes = ([split_axis] if split_axis is not None else []) + [f_tx, y_tx, x_tx]
+    tiles = [f_o, y_o, x_o] if f_o is not None else [y_o, x_o]
+    sch.reorder(n, group, *tiles, *lanes, *outer_reduce, *inner_reduce, f_t, x_t)
+    block_tile = sch.fuse(*tiles)
+    threads = sch.fuse(*lanes)
+    sch.bind(n, "blockIdx.z")
+    sch.bind(group, "blockIdx.y")
     sch.bind(block_tile, "blockIdx.x")
     sch.bind(threads, "threadIdx.x")
-    unrolled = [ry, rx, f_t, x_t]
-    if tile.rc_i * conv.kernel[0] * conv.kernel[1] * tile.outputs_per_thread <= _MAX_UNROLLED_FMAS:
-        unrolled.insert(0, rc_i)
-    for loop in unrolled:
+    return block_tile, threads, [*inner_reduce, f_t, x_t]
+
+
+def _unroll(sch, conv: ConvInfo, tile: CudaTile, inner) -> None:
+    """Unroll the kernel taps and the register tile; the channel loop too when it is short."""
+    channels = tile.rc_i if tile.k_split == 1 else conv.in_per_group // tile.k_split
+    fmas = channels * conv.kernel[0] * conv.kernel[1] * tile.outputs_per_thread
+    for loop in inner if fmas <= _MAX_UNROLLED_FMAS else inner[1:]:
         sch.unroll(loop)
-    for cache in (x_shared, w_shared):
-        sch.compute_at(cache, rc_o, preserve_unit_loops=True)
-        all_loops = sch.get_loops(cache)
-        at = next(i for i, lp in enumerate(all_loops) if sch.get(lp).same_as(sch.get(rc_o)))
-        loops = all_loops[at + 1 :]
-        fused = sch.fuse(*loops)
-        _, tx = sch.split(fused, [None, tile.threads])
-        sch.bind(tx, "threadIdx.x")
-    sch.decompose_reduction(block, rc_o)
-    sch.reverse_compute_at(epilogue, threads, preserve_unit_loops=True)
+
+
+def _cooperative_load(sch, cache, at, threads: int) -> None:
+    """The shared-memory copy at ``at``, spread over the block's threads."""
+    sch.compute_at(cache, at, preserve_unit_loops=True)
+    all_loops = sch.get_loops(cache)
+    index = next(i for i, lp in enumerate(all_loops) if sch.get(lp).same_as(sch.get(at)))
+    fused = sch.fuse(*all_loops[index + 1 :])
+    _, tx = sch.split(fused, [None, threads])
+    sch.bind(tx, "threadIdx.x")

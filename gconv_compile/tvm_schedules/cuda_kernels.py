@@ -53,7 +53,7 @@ class Kernel:
     grid: tuple[int, int, int]
     block: tuple[int, int, int]
     args: list[KernelArg] = field(default_factory=list)
-    outputs_per_thread: int = 1  # the schedule's register tile (its "gconv.outputs_per_thread")
+    fmas_per_thread: int = 0  # what the schedule says (its "gconv.fmas_per_thread"), 0: unknown
 
     @property
     def threads(self) -> int:
@@ -92,8 +92,8 @@ def conv_kernels(model, arch: str = "sm_90") -> list[Kernel]:
         func = mod[decision.function]
         for kernel in _generate(func, decision.function, target):
             kernel.schedule, kernel.detail = decision.schedule, decision.detail
-            if func.attrs is not None and "gconv.outputs_per_thread" in func.attrs:
-                kernel.outputs_per_thread = int(func.attrs["gconv.outputs_per_thread"])
+            if func.attrs is not None and "gconv.fmas_per_thread" in func.attrs:
+                kernel.fmas_per_thread = int(func.attrs["gconv.fmas_per_thread"])
             _bind_arguments(kernel, func, calls.get(decision.function))
             kernels.append(kernel)
     return kernels

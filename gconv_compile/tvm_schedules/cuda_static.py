@@ -15,7 +15,8 @@ Bounds, for one H200 (``H200``: 132 SMs, 1.98 GHz, 4.8 TB/s, 67 TFLOPS float32 o
 - roofline: ``max(FLOPs / peak, minimum bytes / bandwidth)``, minimum bytes = every argument
   read or written once;
 - static lower bound of this code: the busiest SM runs ``ceil(blocks / 132)`` blocks of whole
-  warps; each thread does ``outputs per thread x reduction length`` FMAs, i.e. that many passes
+  warps; each thread does the FMAs its schedule says (``gconv.fmas_per_thread``: outputs per
+  thread x its share of the reduction), i.e. that many passes
   through the hot loop divided by the loop's FMAs, each pass issuing the loop's instructions (4
   warp instructions per clock per SM) and reading its shared-memory bytes (128 bytes per clock
   per SM); the larger of the two, or the DRAM time if larger. No stalls, no bank conflicts, no
@@ -304,7 +305,9 @@ def _bound(kernel: Kernel, ptxas: Ptxas, sass: list[Instr], gpu: Gpu) -> Review:
     roofline = max(flops / gpu.peak_flops[dtype], min_bytes / gpu.dram_bytes_s)
     # per SM: the busiest one's blocks, whole warps (a 16-thread block still issues whole warps)
     lanes = math.ceil(kernel.blocks / gpu.sms) * math.ceil(kernel.threads / 32) * 32
-    fma_per_lane = kernel.outputs_per_thread * reduction / max(loop.fma_ops, 1)
+    # a kernel that does not say: one output per thread
+    fmas = kernel.fmas_per_thread or reduction
+    fma_per_lane = fmas / max(loop.fma_ops, 1)
     issue_s = lanes / 32 * fma_per_lane * loop.instructions / gpu.issue_per_clk / gpu.clock_hz
     shared_s = (
         lanes * fma_per_lane * loop.shared_load_bytes / gpu.shared_bytes_per_clk / gpu.clock_hz

@@ -35,10 +35,11 @@ class CudaTile:
     cols: int  # output columns per block
     x_t: int  # adjacent output columns per thread
     rc_i: int  # input channels per shared-memory stage
+    k_split: int = 1  # threads that share an output, each summing a slice of the input channels
 
     @property
     def threads(self) -> int:
-        return (self.f_tile // self.f_t) * self.rows * (self.cols // self.x_t)
+        return (self.f_tile // self.f_t) * self.rows * (self.cols // self.x_t) * self.k_split
 
     @property
     def outputs_per_thread(self) -> int:
@@ -49,6 +50,7 @@ class CudaTile:
             f"{self.threads} threads, {self.outputs_per_thread} outputs/thread "
             f"({self.f_t} ch x {self.x_t} px), block tile {self.f_tile} ch x {self.rows} x "
             f"{self.cols} px, {self.rc_i} input ch per shared stage"
+            + (f", reduction split over {self.k_split} threads" if self.k_split > 1 else "")
         )
 
 
@@ -66,14 +68,21 @@ def _shared_loads(conv: ConvInfo, tile: CudaTile) -> tuple[float, float]:
     return inputs + weights, kw * tile.f_t * tile.x_t
 
 
-def _shared_bytes(conv: ConvInfo, tile: CudaTile) -> tuple[int, int]:
-    """(input tile, weight tile) elements per shared stage."""
+def _shared_bytes(conv: ConvInfo, tile: CudaTile) -> tuple[int, int, int]:
+    """(input tile, weight tile, partial sums) elements in shared memory."""
     kh, kw = conv.kernel
     (sh, sw), (dh, dw) = conv.stride, conv.dilation
     channels = tile.rc_i * max(1, tile.f_tile // conv.out_per_group)
     in_rows = (tile.rows - 1) * sh + (kh - 1) * dh + 1
     in_cols = (tile.cols - 1) * sw + (kw - 1) * dw + 1
-    return channels * in_rows * in_cols, tile.f_tile * tile.rc_i * kh * kw
+    partials = tile.k_split * tile.f_tile * tile.rows * tile.cols if tile.k_split > 1 else 0
+    return channels * in_rows * in_cols, tile.f_tile * tile.rc_i * kh * kw, partials
+
+
+def fmas_per_thread(conv: ConvInfo, tile: CudaTile) -> int:
+    """FMAs one thread does: its register tile times its share of the reduction."""
+    reduction = conv.in_per_group * conv.kernel[0] * conv.kernel[1] // tile.k_split
+    return tile.outputs_per_thread * reduction
 
 
 def score(conv: ConvInfo, tile: CudaTile) -> tuple[int, float]:
@@ -83,16 +92,17 @@ def score(conv: ConvInfo, tile: CudaTile) -> tuple[int, float]:
     blocks *= conv.out_w // tile.cols
     broken = (tile.threads % 32 != 0) + (tile.threads < 64) + (blocks < SMS)
     broken += conv.kind == "grouped" and loads / fmas > 0.5
-    in_elems, w_elems = _shared_bytes(conv, tile)
-    reduction = conv.in_per_group * conv.kernel[0] * conv.kernel[1]
-    per_thread_fma = tile.outputs_per_thread * reduction
+    in_elems, w_elems, partials = _shared_bytes(conv, tile)
+    per_thread_fma = fmas_per_thread(conv, tile)
     stages = conv.in_per_group // tile.rc_i
     copy = 4 * (in_elems + w_elems) * stages / tile.threads  # load, store, address, predicate
-    instructions = per_thread_fma * (1 + loads / fmas + 0.15) + copy
+    summing = 3 * partials / tile.threads  # store a partial, load it back, add
+    instructions = per_thread_fma * (1 + loads / fmas + 0.15) + copy + summing
     warps = math.ceil(tile.threads / 32) * math.ceil(blocks / SMS)
     issue = warps * instructions / 4
     shared = warps * 32 * per_thread_fma * (loads / fmas) * 4 / 128
-    return broken, max(issue, shared) + 2000 * stages * math.ceil(blocks / SMS)
+    barriers = stages + (tile.k_split > 1)
+    return broken, max(issue, shared) + 2000 * barriers * math.ceil(blocks / SMS)
 
 
 def _candidates(conv: ConvInfo):
@@ -109,15 +119,25 @@ def _candidates(conv: ConvInfo):
 
 
 def _with_stages(conv: ConvInfo, tile: CudaTile):
-    if tile.threads > MAX_THREADS:
-        return
+    """The tile with its shared stages: all input channels at once, split over k_split
+    threads, or (a block inside one group, no split) the fewest stages that fit."""
     element = 2 if conv.dtype == "float16" else 4
-    # a block of whole groups loads all their input channels at once; one inside a group may
-    # stage them
-    stages = [tile.rc_i] if tile.f_tile > conv.out_per_group else _divisors(tile.rc_i)[::-1]
-    for rc_i in stages:
+    cg = conv.in_per_group
+
+    def fits(t: CudaTile) -> bool:
+        return t.threads <= MAX_THREADS and sum(_shared_bytes(conv, t)) * element <= (
+            MAX_SHARED_BYTES
+        )
+
+    for k_split in (d for d in _divisors(cg) if d <= 32):
+        split = CudaTile(tile.f_tile, tile.f_t, tile.rows, tile.cols, tile.x_t, cg, k_split)
+        if fits(split):
+            yield split
+    if tile.f_tile > conv.out_per_group:
+        return
+    for rc_i in _divisors(cg)[::-1][1:]:
         staged = CudaTile(tile.f_tile, tile.f_t, tile.rows, tile.cols, tile.x_t, rc_i)
-        if sum(_shared_bytes(conv, staged)) * element <= MAX_SHARED_BYTES:
+        if fits(staged):
             yield staged
             return
 
