@@ -1,279 +1,240 @@
-"""ResNeXt-50 32x4d on onnxruntime (CPU) and on TVM llvm with gconv_compile's schedules.
+"""TVM llvm (gconv_compile's schedules) against onnxruntime CPU: ResNeXt-50, MobileNetV2, ShuffleNet.
 
-Run: ``python benchmarks/resnext.py [--repeat 20] [--threads 2] [--tune-trials N --tune-db DIR]``
+Run: ``python benchmarks/resnext.py [--cases ...] [--rounds 5] [--mcpu haswell]
+[--tune-db DIR] [--markdown docs/performance.md]``
 
-Rows (batch 1, 224x224, float32, BN folded, seeded random weights):
+Cases (batch 1, float32, seeded random weights, BN folded; ``--cases`` picks groups):
 
-- ``grouped``: the native model (one ``Conv(group=32)`` per bottleneck);
-- ``branchy``: each grouped conv written as ``Split -> 32 Conv -> Concat``. onnxruntime runs it as
-  it is; TVM compiles it after ``FoldSplitConvConcat`` (the passes ``optimize`` runs);
-- one row per distinct grouped 3x3 conv of the network (conv + bias + Relu, as fused in the model).
+- ``resnext``: ResNeXt-50 32x4d, 224x224, native (one ``Conv(group=32)`` per bottleneck); the
+  branchy form (every grouped conv written ``Split -> 32 Conv -> Concat``) as onnxruntime runs
+  it against TVM on what our fold pass makes of it; and TVM folded-branchy against TVM native;
+  with ``--tune-db``, the native model with the tuning records of that folder applied;
+- ``resnext-convs``: every distinct grouped 3x3 conv of ResNeXt-50 alone (conv + bias + Relu);
+- ``mobilenet``, ``mobilenet-convs``: MobileNetV2 and each of its distinct depthwise convs;
+- ``shufflenet``: ShuffleNet v1 from the onnx wheel's zoo, with seeded weights.
 
-Each TVM row also checks the output against onnxruntime (max |diff| / max |ref|). Timings are the
-median of ``--repeat`` runs after warm-up, in milliseconds, with ``--threads`` threads for both
-runtimes (TVM_NUM_THREADS is set before TVM starts its pool). The two runtimes are timed
-alternately, run by run, so both see the same machine load; the load average
-(``os.getloadavg``) is printed with the table, since other processes on a shared machine inflate
-every number. A last row compares TVM on the folded branchy model with TVM on the native model
-(target: at most 1.02x).
+How it is timed: each runtime runs in a process of its own (``timing_worker.py``): onnxruntime
+with ``intra_op_num_threads`` = usable cores, TVM through ``gconv_compile.load`` (every usable
+core). The driver asks the two processes in turn for blocks of runs (~``--block-ms`` each, after
+2 warm-up runs and a pause), ``--rounds`` times, and reports min and median of each side. Every
+library is built once per (model, target, schedule source) and cached in ``--cache``; each TVM
+output is checked against onnxruntime's (max |diff| / max |ref|).
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
-import os
-import platform
-import statistics
+import hashlib
+import json
 import sys
-import time
+import tempfile
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import onnx
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path[:0] = [str(HERE), str(ROOT), str(ROOT / "tests")]
 
+from kernel_timing import Worker, machine_line, time_alternating  # noqa: E402
+from mobilenet_model import build_mobilenet_v2, depthwise_convs  # noqa: E402
 from resnext_model import build_resnext50, single_conv_model, stage_convs  # noqa: E402
 
 from gconv_compile.files import write_text_atomic  # noqa: E402
 
-
-def median_ms(fn, repeat: int, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+GROUPS = ("resnext", "resnext-convs", "mobilenet", "mobilenet-convs", "shufflenet")
+START, END = "<!-- cpu-table:start -->", "<!-- cpu-table:end -->"
 
 
-def paired_ms(first, second, repeat: int, rounds: int = 5) -> tuple[float, float]:
-    """Median ms of two functions timed in alternating blocks, so both see the same load.
+@dataclass
+class Side:
+    """One runtime's half of a row: 'ort' runs ``model``, 'tvm' runs its compiled library."""
 
-    Blocks (not single runs) because each runtime's thread pool spins for a while after a run
-    and would steal the cores from the other one.
-    """
-    a: list[float] = []
-    b: list[float] = []
-    per_round = max(1, repeat // rounds)
-    for _ in range(rounds):
-        for fn, out in ((first, a), (second, b)):
-            for _ in range(2):  # warm-up, and let the other pool go idle
-                fn()
-            for _ in range(per_round):
-                start = time.perf_counter()
-                fn()
-                out.append(time.perf_counter() - start)
-    return statistics.median(a) * 1e3, statistics.median(b) * 1e3
+    kind: str
+    model: str  # key into Bench.models
 
 
-def ort_runner(model, threads: int):
+@dataclass
+class Case:
+    name: str
+    group: str
+    first: Side
+    second: Side
+    ref: str  # the model whose onnxruntime output is the reference
+    macs: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+
+def _conv_model(shape) -> onnx.ModelProto:
+    """``single_conv_model`` with its output's shape written (the build's checker needs it)."""
+    model = single_conv_model(shape)
+    out = model.graph.output[0]
+    dims = [1, shape.out_channels, shape.out_size, shape.out_size]
+    out.CopyFrom(onnx.helper.make_tensor_value_info(out.name, onnx.TensorProto.FLOAT, dims))
+    return model
+
+
+def _models(groups: set[str]) -> dict[str, onnx.ModelProto]:
+    models: dict[str, onnx.ModelProto] = {}
+    if "resnext" in groups:
+        models["resnext50"] = build_resnext50("grouped")
+        models["resnext50_branchy"] = build_resnext50("branchy")
+    if "resnext-convs" in groups:
+        models.update({s.name: _conv_model(s) for s in stage_convs()})
+    if "mobilenet" in groups:
+        models["mobilenet_v2"] = build_mobilenet_v2()
+    if "mobilenet-convs" in groups:
+        models.update({s.name: _conv_model(s) for s in depthwise_convs()})
+    if "shufflenet" in groups:
+        from grouped_models import zoo_model
+
+        models["shufflenet_v1"] = zoo_model("light_shufflenet")
+    return models
+
+
+def _cases(groups: set[str], tuned: bool) -> list[Case]:
+    ort, tvm = (lambda m: Side("ort", m)), (lambda m: Side("tvm", m))
+    cases = []
+    if "resnext" in groups:
+        cases.append(Case("ResNeXt-50 32x4d", "resnext", ort("resnext50"), tvm("resnext50"),
+                          "resnext50"))  # fmt: skip
+        if tuned:
+            cases.append(Case("ResNeXt-50 32x4d, tuned", "resnext", ort("resnext50"),
+                              tvm("resnext50@tuned"), "resnext50"))  # fmt: skip
+        cases.append(Case("ResNeXt-50 branchy: ort as is, TVM folded", "resnext",
+                          ort("resnext50_branchy"), tvm("resnext50_branchy"), "resnext50"))  # fmt: skip
+        cases.append(Case("TVM folded branchy vs TVM native (first column)", "resnext",
+                          tvm("resnext50"), tvm("resnext50_branchy"), "resnext50"))  # fmt: skip
+    for group, shapes in (("resnext-convs", stage_convs), ("mobilenet-convs", depthwise_convs)):
+        if group in groups:
+            for s in shapes():
+                cases.append(Case(f"{s.name} {s.in_channels}ch {s.size}px", group, ort(s.name),
+                                  tvm(s.name), s.name, macs=s.macs))  # fmt: skip
+    if "mobilenet" in groups:
+        cases.append(Case("MobileNetV2", "mobilenet", ort("mobilenet_v2"), tvm("mobilenet_v2"),
+                          "mobilenet_v2"))  # fmt: skip
+    if "shufflenet" in groups:
+        cases.append(Case("ShuffleNet v1 (onnx zoo)", "shufflenet", ort("shufflenet_v1"),
+                          tvm("shufflenet_v1"), "shufflenet_v1"))  # fmt: skip
+    return cases
+
+
+class Bench:
+    """Models on disk, their inputs, and their libraries (built once, cached)."""
+
+    def __init__(self, models: dict, cache: Path, mcpu: str | None, tune_db: str | None) -> None:
+        self.models, self.cache, self.mcpu, self.tune_db = models, cache, mcpu, tune_db
+        self.cache.mkdir(parents=True, exist_ok=True)
+        self.paths: dict[str, Path] = {}
+        self.inputs: dict[str, Path] = {}
+        self.schedules: dict[str, list[dict]] = {}
+        for name, model in models.items():
+            data = model.SerializeToString()
+            path = cache / f"{name}-{hashlib.sha256(data).hexdigest()[:12]}.onnx"
+            if not path.exists():
+                path.write_bytes(data)
+            self.paths[name] = path
+            self.inputs[name] = self._input(model, name)
+
+    def _input(self, model: onnx.ModelProto, name: str) -> Path:
+        dims = model.graph.input[0].type.tensor_type.shape.dim
+        shape = [d.dim_value or 1 for d in dims]
+        path = self.cache / f"{name}-input.npy"
+        np.save(path, np.random.default_rng(1).standard_normal(shape).astype(np.float32))
+        return path
+
+    def library(self, key: str) -> Path:
+        """The compiled library of model ``key`` ('name' or 'name@tuned'), built if not cached."""
+        from gconv_compile.build import compile as build
+        from gconv_compile.targets import host_llvm_target
+
+        name, _, variant = key.partition("@")
+        target = host_llvm_target(self.mcpu)
+        sources = sorted((ROOT / "gconv_compile").rglob("*.py"))
+        digest = hashlib.sha256(self.paths[name].read_bytes())
+        digest.update(json.dumps(target, sort_keys=True).encode() + variant.encode())
+        for src in sources:
+            digest.update(src.read_bytes())
+        lib = self.cache / f"{name}-{variant or 'default'}-{digest.hexdigest()[:12]}.so"
+        if not lib.exists():
+            print(f"building {key} for -mcpu={target['mcpu']} ...", file=sys.stderr, flush=True)
+            tune_db = self.tune_db if variant == "tuned" else None
+            built = build(self.paths[name], "llvm", mcpu=self.mcpu, output=lib, check=False,
+                          tune_db=tune_db)  # fmt: skip
+            sidecar = {"schedules": built.report.extra.get("schedules", [])}
+            lib.with_suffix(".schedules.json").write_text(json.dumps(sidecar))
+        self.schedules[key] = json.loads(lib.with_suffix(".schedules.json").read_text())[
+            "schedules"
+        ]
+        return lib
+
+    def artifact(self, side: Side) -> tuple[Path, Path]:
+        name = side.model.partition("@")[0]
+        path = self.paths[name] if side.kind == "ort" else self.library(side.model)
+        return path, self.inputs[name]
+
+
+def _reference(path: Path, input_npy: Path) -> np.ndarray:
+    """onnxruntime's output, single-threaded in the driver (no pool left spinning here)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    session = ort.InferenceSession(
-        model.SerializeToString(), options, providers=["CPUExecutionProvider"]
-    )
-    name = session.get_inputs()[0].name
-    return lambda x: session.run(None, {name: x})[0]
+    options.intra_op_num_threads = 1
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return session.run(None, {session.get_inputs()[0].name: np.load(input_npy)})[0]
 
 
-def tvm_runner(model, target, *, db_dir: str | None = None, stock: bool = False):
-    """Compile ``model`` with our pipeline (or TVM's stock default pipeline) and return a runner."""
-    import tvm
-    from tvm import relax
-    from tvm.relax.frontend.onnx import from_onnx
-
-    from gconv_compile import tvm_schedules
-
-    mod = from_onnx(model)
-    decisions: list = []
-    pipeline = (
-        "default"
-        if stock
-        else tvm_schedules.relax_pipeline(target, db_dir=db_dir, decisions=decisions)
-    )
-    with tvm.transform.PassContext(opt_level=3):
-        executable = tvm.compile(mod, target, relax_pipeline=pipeline)
-    vm = relax.VirtualMachine(executable, tvm.cpu())
-    fn = vm["main"]
-
-    views: dict[int, tuple] = {}
-
-    def run(x):
-        # Like onnxruntime, read the caller's input in place and hand the output back without a
-        # copy: DLPack needs 64-byte alignment, so an aligned copy is made once per input array,
-        # outside the timed region's steady state.
-        view = views.get(id(x))
-        if view is None or view[0] is not x:
-            aligned = _aligned_copy(x)
-            view = views[id(x)] = (x, aligned, tvm.runtime.from_dlpack(aligned))
-        return np.from_dlpack(fn(view[2]))
-
-    return run, decisions
+def _notes(case: Case, bench: Bench) -> str:
+    decisions = bench.schedules.get(case.second.model, [])
+    convs = [d for d in decisions if d["schedule"].startswith("cpu-") and "conv" in d["schedule"]]
+    if case.macs:
+        detail = convs[0]["detail"].split(": ", 1)[-1] if convs else "not scheduled"
+        return f"{case.macs / 1e6:.1f} MMAC; {detail}"
+    unscheduled = [d for d in decisions if d["schedule"] == "none"]
+    return f"{len(convs)} conv functions scheduled, {len(unscheduled)} left to TVM"
 
 
-def _aligned_copy(x: np.ndarray, alignment: int = 64) -> np.ndarray:
-    raw = np.empty(x.nbytes + alignment, dtype=np.uint8)
-    offset = -raw.ctypes.data % alignment
-    aligned = raw[offset : offset + x.nbytes].view(x.dtype).reshape(x.shape)
-    aligned[...] = x
-    return aligned
+def run_case(case: Case, bench: Bench, workers: dict, args) -> tuple:
+    """Time one case and check the TVM side's output; returns a table row."""
+    both_tvm = case.first.kind == case.second.kind == "tvm"
+    first = workers[case.first.kind]
+    second = workers["tvm2" if both_tvm else case.second.kind]
+    for worker, side in ((first, case.first), (second, case.second)):
+        worker.load(*bench.artifact(side))
+    a, b = time_alternating(first, second, rounds=args.rounds, block_s=args.block_ms / 1e3)
+    out = Path(bench.cache) / "out.npy"
+    second.request(op="save", out=str(out))
+    ref = _reference(bench.paths[case.ref], bench.inputs[case.ref])
+    got = np.load(out)
+    err = float(np.abs(got - ref).max() / max(float(np.abs(ref).max()), 1e-30))
+    row = (case.name, f"{a.min_ms:.3f}", f"{a.median_ms:.3f}", f"{b.min_ms:.3f}",
+           f"{b.median_ms:.3f}", f"{b.median_ms / a.median_ms:.2f}x",
+           f"{b.min_ms / a.min_ms:.2f}x", f"{err:.1e}", _notes(case, bench))  # fmt: skip
+    print(" | ".join(row), flush=True)
+    return row
 
 
-def fold(model):
-    import onnx_ir as ir
-
-    from gconv_compile.targets import passes_for_target
-
-    ir_model = ir.serde.deserialize_model(model)
-    rewrites, _ = passes_for_target("optimize")(ir_model)
-    return ir.serde.serialize_model(ir_model), len(rewrites)
+HEADER = ("case", "ort min ms", "ort median ms", "TVM min ms", "TVM median ms",
+          "TVM/ort median", "TVM/ort min", "rel. error", "notes")  # fmt: skip
 
 
-def rel_err(out: np.ndarray, ref: np.ndarray) -> float:
-    return float(np.abs(out - ref).max() / max(np.abs(ref).max(), 1e-30))
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeat", type=int, default=20)
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    parser.add_argument(
-        "--tune-trials", type=int, default=0, help="also compile with MetaSchedule tuning"
-    )
-    parser.add_argument("--tune-db", default=None, help="tuning database dir (reused if present)")
-    parser.add_argument("--skip-model", action="store_true", help="only the stage convs")
-    parser.add_argument("--skip-convs", action="store_true", help="only the whole models")
-    parser.add_argument(
-        "--stock", action="store_true", help="also time TVM's stock pipeline on the convs"
-    )
-    parser.add_argument(
-        "--markdown", type=Path, help="write the table (with machine and command) here"
-    )
-    args = parser.parse_args(argv)
-    os.environ["TVM_NUM_THREADS"] = str(args.threads)
-
-    import tvm
-
-    from gconv_compile import tvm_schedules
-
-    target = tvm.target.Target(tvm_schedules.host_target(args.threads))
-    rows: list[tuple[str, str, str, str, str, str]] = []
-
-    def add(
-        name: str, ort_ms: float, tvm_ms: float | None, err: float | None, note: str = ""
-    ) -> None:
-        tvm_s = f"{tvm_ms:.2f}" if tvm_ms is not None else "-"
-        ratio = f"{tvm_ms / ort_ms:.2f}x" if tvm_ms is not None else "-"
-        err_s = f"{err:.1e}" if err is not None else "-"
-        rows.append((name, f"{ort_ms:.2f}", tvm_s, ratio, err_s, note))
-        print(
-            f"{name:34s} ort {ort_ms:8.2f} ms  tvm {tvm_s:>8s} ms  {ratio:>7s}  err {err_s}  {note}",
-            flush=True,
-        )
-
-    if not args.skip_model:
-        _time_models(args, target, add, rows)
-    if not args.skip_convs:
-        _time_stage_convs(args, target, add)
-    _print_table(args, target, rows, argv)
-    return 0
-
-
-def _time_models(args, target, add, rows) -> None:
-    """The whole ResNeXt-50: grouped (default and tuned) and branchy folded."""
-    x = np.random.default_rng(0).standard_normal((1, 3, 224, 224)).astype(np.float32)
-    grouped = build_resnext50("grouped")
-    ort_run = ort_runner(grouped, args.threads)
-    ref = ort_run(x)
-    run, decisions = tvm_runner(grouped, target)
-    convs = sum(d.schedule.startswith("cpu-") and d.schedule.endswith("-conv") for d in decisions)
-    ort_ms, tvm_ms = paired_ms(lambda: ort_run(x), lambda: run(x), args.repeat)
-    add("ResNeXt-50 grouped, default", ort_ms, tvm_ms, rel_err(run(x), ref),
-        f"{convs} conv functions scheduled")  # fmt: skip
-    if args.tune_trials or args.tune_db:
-        db = args.tune_db or "tune_db"
-        if args.tune_trials:
-            _tune(grouped, target, args.tune_trials, db)
-        run_t, _ = tvm_runner(grouped, target, db_dir=db)
-        ort_ms, tuned_ms = paired_ms(lambda: ort_run(x), lambda: run_t(x), args.repeat)
-        add("ResNeXt-50 grouped, tuned", ort_ms, tuned_ms, rel_err(run_t(x), ref),
-            f"{args.tune_trials} trials, db {db}")  # fmt: skip
-    branchy = build_resnext50("branchy")
-    ort_b = ort_runner(branchy, args.threads)
-    folded, n_folds = fold(branchy)
-    run_f, _ = tvm_runner(folded, target)
-    ort_b_ms, folded_ms = paired_ms(lambda: ort_b(x), lambda: run_f(x), args.repeat)
-    add("ResNeXt-50 branchy, folded", ort_b_ms, folded_ms, rel_err(run_f(x), ref),
-        f"ort runs the branchy model; TVM the folded one ({n_folds} folds)")  # fmt: skip
-    native_ms, folded_ms = paired_ms(lambda: run(x), lambda: run_f(x), args.repeat)
-    rows.append(("TVM folded branchy vs TVM native", f"{native_ms:.2f}", f"{folded_ms:.2f}",
-                 f"{folded_ms / native_ms:.2f}x", "-", "first column: TVM on the native model"))  # fmt: skip
-    print(
-        f"TVM folded / native: {folded_ms:.2f} / {native_ms:.2f} ms = {folded_ms / native_ms:.2f}x"
-    )
-
-
-def _time_stage_convs(args, target, add) -> None:
-    """Each stage's grouped conv alone (and TVM's stock pipeline with --stock)."""
-    for shape in stage_convs():
-        model = single_conv_model(shape)
-        xc = np.random.default_rng(1).standard_normal(
-            (1, shape.in_channels, shape.size, shape.size)
-        )
-        xc = xc.astype(np.float32)
-        ort_c = ort_runner(model, args.threads)
-        ref_c = ort_c(xc)
-        run_c, decisions = tvm_runner(model, target)
-        ort_ms, tvm_ms = paired_ms(lambda: ort_c(xc), lambda: run_c(xc), args.repeat * 5)  # noqa: B023
-        note = (
-            f"{shape.macs / 1e6:.1f} MMAC; {decisions[0].detail.split(': ', 1)[-1]}"
-            if decisions
-            else ""
-        )
-        add(
-            f"{shape.name} {shape.in_channels}ch {shape.size}px",
-            ort_ms,
-            tvm_ms,
-            rel_err(run_c(xc), ref_c),
-            note,
-        )
-        if args.stock:
-            run_s, _ = tvm_runner(model, target, stock=True)
-            add(f"{shape.name} (TVM stock pipeline)", ort_ms, median_ms(lambda: run_s(xc), 3, 1),  # noqa: B023
-                rel_err(run_s(xc), ref_c))  # fmt: skip
-
-
-def _print_table(args, target, rows, argv) -> None:
-    """The table with the machine, date and command that made it (and --markdown's file)."""
-    load = os.getloadavg()
-    header = (
-        f"Machine: {platform.processor() or platform.machine()}, {_cpu_name()}, {os.cpu_count()} cores; "
-        f"threads {args.threads}; load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}\n"
-        f"Date: {datetime.datetime.now().isoformat(timespec='minutes')}; target {target}\n"
-        f"Command: python benchmarks/resnext.py {' '.join(argv if argv is not None else sys.argv[1:])}"
-    )
-    table = [
-        "| case | onnxruntime ms | TVM ms | TVM / ort | rel. error | notes |",
-        "|---|---|---|---|---|---|",
+def _table(rows: list[tuple], target: dict, argv: list[str], threads: dict) -> str:
+    when = datetime.datetime.now().isoformat(timespec="minutes")
+    lines = [
+        f"Machine: {machine_line()}  ",
+        f"Threads: onnxruntime {threads.get('ort', '-')}, TVM {threads.get('tvm', '-')}; "
+        f"TVM target -mcpu={target.get('mcpu')}; onnxruntime picks its kernels by CPUID  ",
+        f"Date: {when}  ",
+        f"Command: `python benchmarks/resnext.py {' '.join(argv)}`",
+        "",
+        "| " + " | ".join(HEADER) + " |",
+        "|" + "---|" * len(HEADER),
     ]
-    table += ["| " + " | ".join(r) + " |" for r in rows]
-    print()
-    print(header)
-    print("\n".join(table))
-    if args.markdown:
-        _write_markdown(
-            args.markdown, header.replace("\n", "  \n") + "\n\n" + "\n".join(table) + "\n"
-        )
-
-
-START, END = "<!-- resnext-table:start -->", "<!-- resnext-table:end -->"
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines) + "\n"
 
 
 def _write_markdown(path: Path, block: str) -> None:
@@ -288,34 +249,44 @@ def _write_markdown(path: Path, block: str) -> None:
     write_text_atomic(path, text)
 
 
-def _tune(model, target, trials: int, db: str) -> None:
-    import tvm
-    from tvm.relax.frontend.onnx import from_onnx
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cases", nargs="+", choices=GROUPS, default=list(GROUPS))
+    parser.add_argument("--rounds", type=int, default=5, help="alternations of the two sides")
+    parser.add_argument("--block-ms", type=float, default=150.0, help="length of one block")
+    parser.add_argument("--mcpu", default=None, help="llvm CPU (default: this machine's)")
+    parser.add_argument("--tune-db", default=None, help="add a row with these tuning records")
+    parser.add_argument("--only", default=None, help="only cases whose name contains this")
+    parser.add_argument(
+        "--cache", type=Path, default=Path(tempfile.gettempdir()) / "gconv-bench-cache"
+    )
+    parser.add_argument("--markdown", type=Path, help="write the table into this file")
+    args = parser.parse_args(argv)
+    from gconv_compile.targets import host_llvm_target
 
-    from gconv_compile import tvm_schedules
-
-    mod = from_onnx(model)
-    with target:
-        mod = tvm.transform.Sequential(tvm_schedules.legalize_and_fuse(target))(mod)
-    tvm_schedules.tune(mod, target, trials=trials, db_dir=db, progress=_print_progress)
-
-
-def _print_progress(done: int, total: int, eta_s: float | None) -> None:
-    eta = f", ETA {eta_s:.0f} s" if eta_s is not None else ""
-    print(f"\rtuning: {done}/{total} trials{eta}", end="", file=sys.stderr, flush=True)
-    if done >= total:
-        print(file=sys.stderr)
-
-
-def _cpu_name() -> str:
+    groups = set(args.cases)
+    bench = Bench(_models(groups), args.cache, args.mcpu, args.tune_db)
+    cases = _cases(groups, bool(args.tune_db))
+    cases = [c for c in cases if args.only is None or args.only in c.name]
+    for case in cases:  # build everything before any timing
+        for side in (case.first, case.second):
+            bench.artifact(side)
+    workers = {kind: Worker(kind.rstrip("2")) for kind in ("ort", "tvm", "tvm2")}
+    rows = []
     try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown CPU"
+        print(machine_line(), flush=True)
+        for case in cases:
+            rows.append(run_case(case, bench, workers, args))
+    finally:
+        for worker in workers.values():
+            worker.close()
+    threads = {k: w.threads for k, w in workers.items() if w.threads}
+    block = _table(rows, host_llvm_target(args.mcpu), argv, threads)
+    print("\n" + block)
+    if args.markdown:
+        _write_markdown(args.markdown, block)
+    return 0
 
 
 if __name__ == "__main__":
