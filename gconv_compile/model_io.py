@@ -63,7 +63,11 @@ def load_model(source: str | os.PathLike | onnx.ModelProto | ir.Model) -> Loaded
         return LoadedModel(source, None, _external_files_of_ir(source))
     if isinstance(source, onnx.ModelProto):
         _validate_proto(source, "model")
-        return LoadedModel(ir.serde.deserialize_model(source), None, frozenset())
+        # onnx-ir wraps the proto's tensors instead of copying them, and naming a Constant
+        # node's tensor writes into it: work on a copy so the caller's proto stays as it was.
+        copy = onnx.ModelProto()
+        copy.CopyFrom(source)
+        return LoadedModel(ir.serde.deserialize_model(copy), None, frozenset())
     if isinstance(source, (str, os.PathLike)):
         return _load_path(Path(source))
     raise UserError(

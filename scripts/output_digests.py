@@ -69,7 +69,9 @@ def main() -> None:
     for name, model in _models().items():
         for run, fn in runs.items():
             try:
-                result[f"{name} {run}"] = _digest(fn(model))
+                copy = onnx.ModelProto()
+                copy.CopyFrom(model)  # each run gets the model as loaded, not a previous run's
+                result[f"{name} {run}"] = _digest(fn(copy))
             except GconvError as exc:
                 result[f"{name} {run}"] = f"error: {type(exc).__name__}"
     json.dump(result, sys.stdout, indent=1, sort_keys=True)

@@ -22,6 +22,7 @@ import pytest
 from builders import IR_VERSION, init, ints, tensor_info
 from onnx import TensorProto, helper
 
+import gconv_compile
 from gconv_compile.cli import main as cli_main
 
 FOLDED_NODES = {"split", "conv0", "conv1", "concat"}
@@ -273,3 +274,15 @@ def test_two_runs_give_byte_identical_files(tmp_path: Path, external: bool) -> N
     assert ("out.onnx.data" in files[0]) == external
     for name in files[0]:
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+
+
+@pytest.mark.parametrize("fixture", ["chunk_conv_ts17", "resnext_block_ts17"])
+def test_optimize_and_expand_leave_the_callers_proto_as_it_was(fixture):
+    """TorchScript exports keep weights and bounds in Constant nodes; onnx-ir names their
+    tensors in place, so a proto given to the API must be copied, not wrapped."""
+    path = Path(__file__).parent / "fixtures" / "torch" / f"{fixture}.onnx"
+    proto = onnx.load(path)
+    before = proto.SerializeToString(deterministic=True)
+    folded, _ = gconv_compile.optimize(proto, check=False)
+    gconv_compile.expand(folded, check=False)
+    assert proto.SerializeToString(deterministic=True) == before
