@@ -6,7 +6,8 @@ tests/fixtures/real/README.md)::
     python scripts/make_real_fixtures.py --out tests/fixtures/real           # fixtures + int8
     python scripts/make_real_fixtures.py --out tests/fixtures/real --manifest-only
 
-Each architecture is written by hand here (no torchvision), seeded per model, in eval mode, with
+Each architecture is written by hand in ``real_architectures.py`` beside this script (no
+torchvision), seeded per model, in eval mode, with
 random BatchNorm statistics and affine parameters, and exported twice with a dynamic batch:
 ``<name>_ts17.onnx`` (TorchScript exporter, opset 17) and ``<name>_dynamo18.onnx`` (torch.export
 exporter, opset 18). Each file is checked with ``onnx.checker`` and compared in onnxruntime
@@ -17,7 +18,8 @@ channel, QDQ per tensor, QOperator), named ``<name>_<exporter>_qdq_pc|qdq_pt|qop
 Last, ``manifest.json`` records for each fixture its ops, what the verdict of gconv-compile
 SHOULD be (``expected``, judged by hand from the architecture) and what the current tool does
 (``current``: ``optimize``, ``expand`` and ``optimize --target generic-npu``, run with the
-project's own virtualenv), and the differences between the two (``mismatches``).
+project's virtualenv on gconv-compile as committed at HEAD), and the differences between the
+two (``mismatches``).
 """
 
 from __future__ import annotations
@@ -90,9 +92,8 @@ def _session(model: onnx.ModelProto | Path) -> ort.InferenceSession:
     """onnxruntime CPU EP with graph optimisations off: the model runs as written."""
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    source = model if isinstance(model, Path) else model.SerializeToString()
-    return ort.InferenceSession(str(source) if isinstance(source, Path) else source, options,
-                                providers=["CPUExecutionProvider"])  # fmt: skip
+    source = str(model) if isinstance(model, Path) else model.SerializeToString()
+    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
 
 
 def _check_against_torch(model: onnx.ModelProto, module: nn.Module, shape, name: str) -> float:

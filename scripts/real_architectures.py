@@ -272,24 +272,28 @@ class Wav2Vec2PosConv(nn.Module):
 
 class MixNetBlock(nn.Module):
     """MixNet block: expand 1x1, MixConv (depthwise kernels 3/5/7, or 3x3 dilated 1/2/3, on
-    equal channel splits), BN, SiLU, project 1x1, residual."""
+    channel splits), BN, SiLU, project 1x1, residual.
 
-    def __init__(self, channels: int = 24, expand: int = 2, dilated: bool = False) -> None:
+    ``hidden`` not divisible by 3 splits as timm's ``_split_channels`` does: the first part
+    takes the remainder (50 -> 18, 16, 16), passed to ``torch.split`` as a list of sizes.
+    """
+
+    def __init__(self, channels=24, hidden=48, dilated=False) -> None:
         super().__init__()
-        hidden = channels * expand
-        width = hidden // 3
+        sizes = [hidden // 3] * 3
+        sizes[0] += hidden - sum(sizes)
+        self.split_arg = sizes[0] if len(set(sizes)) == 1 else sizes
         self.expand = conv_bn(channels, hidden, 1, act=nn.SiLU)
         specs = [(3, d, d) for d in (1, 2, 3)] if dilated else [(k, 1, k // 2) for k in (3, 5, 7)]
         self.mix = nn.ModuleList(
             nn.Conv2d(width, width, k, padding=p, dilation=d, groups=width, bias=False)
-            for k, d, p in specs
+            for width, (k, d, p) in zip(sizes, specs)
         )
-        self.width = width
         self.bn = nn.BatchNorm2d(hidden)
         self.project = conv_bn(hidden, channels, 1, act=None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        parts = torch.split(self.expand(x), self.width, 1)
+        parts = torch.split(self.expand(x), self.split_arg, 1)
         y = torch.cat([conv(p) for conv, p in zip(self.mix, parts)], 1)
         return x + self.project(nn.functional.silu(self.bn(y)))
 
@@ -501,6 +505,9 @@ ARCHITECTURES = (
     Architecture("mixnet_dilated", lambda: MixNetBlock(dilated=True), (24, 16, 16), 24,
         Verdict(1, (48,), depthwise=3, why="folds the MixConv (3x3 dilation 1/2/3, 'same' "
         "padding) to one depthwise 7x7 Conv, group=48")),
+    Architecture("mixnet_uneven", lambda: MixNetBlock(hidden=50), (24, 16, 16), 30, Verdict(
+        refusals=("uneven split sizes",), depthwise=3, why="must not fold: timm splits 50 "
+        "channels 18/16/16, and one grouped Conv needs equal groups")),
     Architecture("res2net", Res2NetBlock, (32, 16, 16), 25, Verdict(
         refusals=(f"{NOT_CONV}|{NOT_SPLIT}|also used",), why="must not fold: Res2Net branches "
         "depend on each other (K2 reads x2 + y1) and the last part passes unconvolved")),
