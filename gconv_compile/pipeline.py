@@ -57,6 +57,7 @@ def run_checked(
             # Run the reference now, while the model holds only the input's weights: after the
             # rewrite, new weights and onnxruntime's copy of the old ones would both be resident.
             reference = ReferenceRun(model, seeds=seeds, shapes=shapes, source=before)
+        produced = _outputs_by_node(model)
         rewrites, skips = rewrite(model)
         report.rewrites.extend(rewrites)
         report.skips.extend(skips)
@@ -66,10 +67,37 @@ def run_checked(
         elif not rewrites:
             report.check_note = "nothing rewritten, nothing to check"
         else:
-            report.check = reference.check(model)
+            report.check = reference.check(model, rewritten_values(model, rewrites, produced))
             if not report.check.passed:
                 raise CheckFailed("the rewritten model does not match the input", report)
     return model
+
+
+def _outputs_by_node(model: ir.Model) -> dict[str, list[str]]:
+    """The output names of each named node of the main graph, taken before a rewrite."""
+    return {node.name: [v.name for v in node.outputs] for node in model.graph if node.name}
+
+
+def rewritten_values(
+    model: ir.Model, rewrites: Sequence, produced: Mapping[str, Sequence[str]]
+) -> list[str]:
+    """The values each rewrite of the main graph replaced under the same name (a fold's Concat
+    output, an expanded Conv's output), which the check compares besides the graph outputs.
+
+    Args:
+        model: The model after the rewrite.
+        rewrites: The rewrites (their ``anchor`` names a node of the model before).
+        produced: :func:`_outputs_by_node` of the model before the rewrite.
+    """
+    now = {v.name for node in model.graph for v in node.outputs}
+    names: list[str] = []
+    for rewrite in rewrites:
+        if rewrite.scope != model.graph.name:
+            continue
+        for name in produced.get(rewrite.anchor, ()):
+            if name in now and name not in names:
+                names.append(name)
+    return names
 
 
 def optimize(

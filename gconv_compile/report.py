@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from gconv_compile.compare import CheckResult
+from gconv_compile.compare import CheckResult, OutputStats
 from gconv_compile.passes import Rewrite, Skip
 
 
@@ -60,12 +60,11 @@ class Report:
         if self.check is not None:
             out.append(f"{'check':8} {self.check.summary()}")
             for stat in self.check.outputs:
-                flag = "ok" if stat.passed else "FAIL"
-                out.append(
-                    f"{'':8}   {stat.name}: max abs {stat.max_abs_error:.3g}, "
-                    f"max rel {stat.max_rel_error:.3g} (atol {stat.atol:g}, rtol {stat.rtol:g}) {flag}"
-                    + (f" - {stat.note}" if stat.note else "")
-                )
+                out.append(f"{'':8}   {stat_line(stat)}")
+            # Every rewritten value that fails, and the closest one to failing.
+            values = sorted(self.check.values, key=lambda s: s.margin, reverse=True)
+            for stat in [s for s in values if not s.passed] or values[:1]:
+                out.append(f"{'':8}   rewritten value {stat_line(stat)}")
         elif self.check_note:
             out.append(f"{'check':8} {self.check_note}")
         kinds = {r.pass_name for r in self.rewrites}
@@ -81,3 +80,13 @@ class Report:
             + (f"; wrote {self.output}" if self.output else "")
         )
         return out
+
+
+def stat_line(stat: OutputStats) -> str:
+    """One output's numbers: errors, the allowance, the margin (error / allowed) and a flag."""
+    flag = "ok" if stat.passed else "FAIL"
+    return (
+        f"{stat.name}: max abs {stat.max_abs_error:.3g}, max rel {stat.max_rel_error:.3g} "
+        f"(atol {stat.atol:g}, rtol {stat.rtol:g}), margin {stat.margin:.3g} {flag}"
+        + (f" - {stat.note}" if stat.note else "")
+    )
