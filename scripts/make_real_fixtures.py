@@ -202,6 +202,9 @@ def make_fixtures(out: Path, names: set[str] | None = None) -> list[Path]:
                 written.append(path)
                 if arch.int8:
                     written += quantize_fixture(path, arch, workdir)
+    total = sum(p.stat().st_size for p in out.glob("*.onnx"))
+    if total > MAX_TOTAL_BYTES:
+        raise RuntimeError(f"fixtures take {total} bytes, over {MAX_TOTAL_BYTES}")
     return written
 
 
@@ -385,9 +388,6 @@ def write_manifest(out: Path, python: Path, worktree: bool = False) -> dict:
     }  # fmt: skip
     text = json.dumps(manifest, indent=1, sort_keys=True) + "\n"
     (out / "manifest.json").write_text(text)
-    total = sum(p.stat().st_size for p in out.glob("*.onnx"))
-    if total > MAX_TOTAL_BYTES:
-        raise RuntimeError(f"fixtures take {total} bytes, over {MAX_TOTAL_BYTES}")
     return manifest
 
 
