@@ -65,6 +65,8 @@ def test_verify_passes_and_reports_each_output_like_polygraphy(work, capsys):
     assert stat["name"] == "Y" and stat["shape"] == [2, 8, 6, 6]
     assert {"max_abs_error", "mean_abs_error", "max_rel_error", "worst_index"} <= set(stat)
     assert stat["max_abs_error"] <= stat["atol"] + stat["rtol"] * 100
+    assert 0 <= stat["margin"] <= 1 and check["margin"] == stat["margin"]
+    assert f"margin {stat['margin']:.3g} PASS" in out
 
 
 def test_verify_with_user_inputs_and_with_a_build_made_now(work, capsys):
@@ -96,7 +98,10 @@ def test_user_tolerances_apply_and_still_catch_other_weights(work, capsys):
     code = main(["verify", str(work / "a.onnx"), "--lib", str(work / "b.so"),
                  "--ignore-fingerprint", "--atol", "1", "--rtol", "0.5"])  # fmt: skip
     assert code == 1
-    assert "(atol 1, rtol 0.5) FAIL" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "(atol 1, rtol 0.5), margin " in out and out.count(" FAIL") >= 1
+    margin = float(out.split("(atol 1, rtol 0.5), margin ")[1].split()[0])
+    assert margin > 1
 
 
 BAD_VERIFY = {
