@@ -18,10 +18,12 @@ the top, so that importing the package for ``optimize`` or ``expand`` never load
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import logging
 import os
 import shutil
+import struct
 import tempfile
 import time
 import warnings
@@ -29,11 +31,12 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
 import onnx_ir as ir
 
 from gconv_compile.errors import UserError, tvm_message
-from gconv_compile.files import TMP_PREFIX, write_text_atomic
+from gconv_compile.files import TMP_PREFIX, write_bytes_atomic, write_text_atomic
 from gconv_compile.library import (
     LibraryInfo,
     Runner,
@@ -46,9 +49,17 @@ from gconv_compile.model_io import LoadedModel, check_output_path, count_nodes, 
 from gconv_compile.pipeline import run_checked
 from gconv_compile.reference import check_shape_names
 from gconv_compile.report import Report
+from gconv_compile.runtime import (
+    SAFETENSORS_DTYPES,
+    cuda_source_sha256,
+    find_nvcc,
+    nvcc_compile,
+)
 from gconv_compile.targets import passes_for_target, target_spec
 
 logger = logging.getLogger(__name__)
+
+WEIGHTS_SUFFIXES = (".npz", ".safetensors")
 
 
 @dataclasses.dataclass
@@ -61,6 +72,7 @@ class CompiledModel:
         report: Rewrites, the check of the rewrite, timings (``report.extra["timings"]``).
         library: The exported library, or None when compiled in memory only.
         sources: Files written by ``emit_source``.
+        weights: The weights by ONNX name when they are kept outside the code (``weights_file``).
     """
 
     executable: Any
@@ -68,6 +80,7 @@ class CompiledModel:
     report: Report
     library: Path | None = None
     sources: list[Path] = dataclasses.field(default_factory=list)
+    weights: dict[str, np.ndarray] | None = None
 
     @property
     def timings(self) -> dict[str, float]:
@@ -75,7 +88,7 @@ class CompiledModel:
 
     def runner(self) -> Runner:
         """A VM over the in-memory executable, on the device of its target."""
-        return Runner(self.executable, self.info)
+        return Runner.from_executable(self.executable, self.info, self.weights)
 
 
 @dataclasses.dataclass
@@ -87,6 +100,7 @@ class _Request:
     out_path: Path | None
     source_dir: Path | None
     shapes: dict[str, list[int]]
+    weights_path: Path | None = None
 
 
 def compile(  # noqa: A001 - the public name the API promises
@@ -104,6 +118,7 @@ def compile(  # noqa: A001 - the public name the API promises
     tune_trials: int = 0,
     tune_db: str | os.PathLike | None = None,
     tune_progress: Callable[[int, int, float | None], None] | None = None,
+    weights_file: str | os.PathLike | None = None,
 ) -> CompiledModel:
     """Optimise ``model`` for ``target``, build it with TVM Relax, and optionally export it.
 
@@ -111,8 +126,8 @@ def compile(  # noqa: A001 - the public name the API promises
         model: A path, an ``onnx.ModelProto`` or an ``onnx_ir.Model`` (none is modified).
         target: "llvm" (this CPU) or "cuda" (builds without a GPU).
         output: Write the library here (``.so``) and its sidecar beside it (``.so.json``).
-        arch: CUDA architecture for code generation, e.g. "sm_90" (default: the GPU here,
-            else sm_80; the CUDA C is compiled for the actual GPU at load time).
+        arch: CUDA architecture, e.g. "sm_90" (default: the GPU here, else sm_80). With
+            nvcc here, the exported CUDA C is compiled for it into ``OUT.so.fatbin.npz``.
         mcpu: llvm CPU name (default: detected from /proc/cpuinfo).
         optimize: Run the rewrite the target asks for (fold split-conv-concat blocks).
         check: Check the rewrite against the input model in onnxruntime.
@@ -125,6 +140,8 @@ def compile(  # noqa: A001 - the public name the API promises
             ``tune_db``; tasks that already have records there are not tuned again.
         tune_db: Tuning-record folder: records found there are applied to the build.
         tune_progress: Called as ``tune_progress(done, total, eta_seconds_or_None)``.
+        weights_file: Keep the weights out of the library, in this ``.npz`` or
+            ``.safetensors`` file beside ``output`` (read at load time).
 
     Returns:
         The compiled model; ``.runner()`` runs it in this process.
@@ -135,7 +152,7 @@ def compile(  # noqa: A001 - the public name the API promises
     """
     request = _check_request(
         model, target, output=output, arch=arch, mcpu=mcpu, emit_source=emit_source,
-        tune_trials=tune_trials, tune_db=tune_db, shapes=shapes,
+        tune_trials=tune_trials, tune_db=tune_db, shapes=shapes, weights_file=weights_file,
     )  # fmt: skip
     loaded, spec = request.loaded, request.spec
     fingerprint = model_fingerprint(loaded)
@@ -148,7 +165,8 @@ def compile(  # noqa: A001 - the public name the API promises
 
     inputs, outputs = _tensor_specs(loaded.model, request.shapes)
     started = time.perf_counter()
-    mod = _import_relax(loaded.model, request.shapes, spec["kind"])
+    mod = _import_relax(loaded.model, request.shapes, spec["kind"], bool(request.weights_path))
+    mod, weights = _detach_weights(mod, loaded.model) if request.weights_path else (mod, None)
     timings["import_s"] = time.perf_counter() - started
     executable = _build(
         mod, spec, inputs, report, tune_trials=tune_trials, tune_db=tune_db,
@@ -166,7 +184,8 @@ def compile(  # noqa: A001 - the public name the API promises
         model=str(loaded.path) if loaded.path else None,
         tvm_version=tvm_version(),
     )
-    return _write_outputs(CompiledModel(executable, info, report), request)
+    compiled = CompiledModel(executable, info, report, weights=weights)
+    return _write_outputs(compiled, request)
 
 
 def _write_outputs(compiled: CompiledModel, request: _Request) -> CompiledModel:
@@ -178,6 +197,10 @@ def _write_outputs(compiled: CompiledModel, request: _Request) -> CompiledModel:
         report.extra["sources"] = [str(p) for p in compiled.sources]
     if out_path is not None:
         started = time.perf_counter()
+        if compiled.weights is not None:
+            compiled.info.weights = _write_weights(request.weights_path, compiled.weights)
+        if compiled.info.target_kind == "cuda":
+            _cuda_binaries(compiled, out_path)
         _export(compiled.executable, compiled.info, out_path)
         report.extra["timings"]["export_s"] = time.perf_counter() - started
         compiled.library = out_path
@@ -197,6 +220,7 @@ def _check_request(
     tune_trials: int,
     tune_db: str | os.PathLike | None,
     shapes: Mapping[str, Sequence[int]] | None,
+    weights_file: str | os.PathLike | None = None,
 ) -> _Request:
     """Everything that can be bad input, checked before the slow parts run."""
     spec = target_spec(target, arch=arch, mcpu=mcpu)
@@ -221,7 +245,25 @@ def _check_request(
         raise UserError(f"--tune-db {tune_db}: not a folder")
     bound = {name: list(dims) for name, dims in (shapes or {}).items()}
     check_shape_names(loaded.model, bound)
-    return _Request(spec, loaded, out_path, source_dir, bound)
+    weights_path = _check_weights_path(weights_file, out_path, loaded)
+    return _Request(spec, loaded, out_path, source_dir, bound, weights_path)
+
+
+def _check_weights_path(
+    weights_file: str | os.PathLike | None, out_path: Path | None, loaded: LoadedModel
+) -> Path | None:
+    if weights_file is None:
+        return None
+    path = Path(weights_file)
+    if out_path is None:
+        raise UserError("--weights-file needs an output library (-o OUT.so) to sit beside")
+    if path.suffix not in WEIGHTS_SUFFIXES:
+        raise UserError(f"--weights-file {path}: the name must end in .npz or .safetensors")
+    if path.resolve().parent != out_path.resolve().parent:
+        raise UserError(
+            f"--weights-file {path}: must be in the library's folder ({out_path.parent})"
+        )
+    return check_output_path(path, loaded)
 
 
 def _optimize(
@@ -336,8 +378,11 @@ def _check_source_dir(path: str | os.PathLike) -> Path:
     return folder
 
 
-def _import_relax(model: ir.Model, shapes: Mapping[str, Sequence[int]], kind: str):
+def _import_relax(
+    model: ir.Model, shapes: Mapping[str, Sequence[int]], kind: str, keep_params: bool = False
+):
     """ONNX -> Relax. Only the inputs the user bound get a shape; the rest stay symbolic.
+    With ``keep_params`` every initializer becomes a parameter of main after the inputs.
 
     The importer's own passes run first, on the model (after the check: they change how the
     model says something, not what it computes).
@@ -352,12 +397,77 @@ def _import_relax(model: ir.Model, shapes: Mapping[str, Sequence[int]], kind: st
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            mod = from_onnx(proto, shape_dict=dict(shapes) or None)
+            mod = from_onnx(
+                proto, shape_dict=dict(shapes) or None, keep_params_in_input=keep_params
+            )
         except Exception as exc:
             raise UserError(f"TVM's ONNX importer cannot convert the model: {tvm_message(exc)}")
     for warning in caught:
         logger.info("TVM import: %s", str(warning.message).splitlines()[0])
     return mod
+
+
+def _detach_weights(mod, model: ir.Model) -> tuple[Any, dict[str, np.ndarray]]:
+    """Relax module without its parameter values, and those values by ONNX initializer name
+    (TVM's importer makes one parameter per initializer, in the graph's order)."""
+    from tvm import relax  # see the module docstring
+
+    mod, params = relax.frontend.detach_params(mod)
+    values = params.get("main", [])
+    names = list(model.graph.initializers)
+    if len(names) != len(values):
+        raise UserError(
+            f"TVM kept {len(values)} weights for the model's {len(names)} initializers; "
+            "build it without --weights-file"
+        )
+    return mod, {name: value.numpy() for name, value in zip(names, values)}
+
+
+def _write_weights(path: Path, arrays: Mapping[str, np.ndarray]) -> dict[str, Any]:
+    """Write the weights as .npz or .safetensors (by suffix); returns the sidecar's entry."""
+    if path.suffix == ".npz":
+        buffer = io.BytesIO()
+        np.savez(buffer, **arrays)
+        data = buffer.getvalue()
+    else:
+        codes = {dtype: code for code, dtype in SAFETENSORS_DTYPES.items()}
+        header, offset, chunks = {}, 0, []
+        for name, array in arrays.items():
+            if array.dtype.name not in codes:
+                raise UserError(f"--weights-file {path}: safetensors has no {array.dtype} ({name})")
+            chunk = np.ascontiguousarray(array).tobytes()
+            header[name] = {"dtype": codes[array.dtype.name], "shape": list(array.shape),
+                            "data_offsets": [offset, offset + len(chunk)]}  # fmt: skip
+            offset += len(chunk)
+            chunks.append(chunk)
+        text = json.dumps(header).encode()
+        text += b" " * (-len(text) % 8)
+        data = struct.pack("<Q", len(text)) + text + b"".join(chunks)
+    write_bytes_atomic(path, data)
+    return {"file": path.name, "format": path.suffix.lstrip("."), "names": list(arrays)}
+
+
+def _cuda_binaries(compiled: CompiledModel, out_path: Path) -> None:
+    """Compile the library's CUDA C with nvcc for its arch into ``OUT.so.fatbin.npz`` so that
+    loading needs no CUDA compiler; without nvcc, or when nvcc rejects it, say so instead."""
+    info, arch = compiled.info, compiled.info.target["arch"]
+    sources = [m.inspect_source() for m in _modules(compiled.executable.mod) if m.kind == "cuda"]
+    if find_nvcc() is None:
+        info.cuda_note = "no nvcc at build time: the CUDA C is compiled when the library loads"
+        return
+    try:
+        binaries = {cuda_source_sha256(text): nvcc_compile(text, arch) for text in sources}
+    except UserError as error:
+        info.cuda_note = f"{error}; the library will not load on a GPU until this is fixed"
+        logger.warning("%s: %s", out_path, info.cuda_note)
+        compiled.report.warnings.append(info.cuda_note)
+        return
+    arrays = {key: np.frombuffer(blob, dtype=np.uint8) for key, blob in binaries.items()}
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **arrays)
+    binary = Path(str(out_path) + ".fatbin.npz")
+    write_bytes_atomic(binary, buffer.getvalue())
+    info.cuda_binary = {"file": binary.name, "arch": arch, "format": "fatbin", "compiler": "nvcc"}
 
 
 def _modules(module) -> Iterator[Any]:

@@ -1,91 +1,60 @@
-"""A compiled library: its sidecar, reading it back, loading it, and running it.
+"""A compiled library: its sidecar, reading it back, loading it, running it, bundling it.
 
 ``OUT.so.json`` (the sidecar) records what the library computes: the input and output names,
-shapes and dtypes, the target, and the sha256 of the model it was compiled from and of the
-library itself. :func:`read_library_info` refuses a library whose sidecar is missing or describes
-another file, so ``verify`` can tell when a library belongs to a different model.
-:func:`load_library` makes a :class:`Runner` (a Relax VM fed by ONNX tensor name) from a library
-written by any process; :class:`gconv_compile.build.CompiledModel` makes one from a build in
-memory.
+shapes and dtypes, the target, the sha256 of the model it was compiled from and of the library
+itself, and, when there are any, the weights file it reads (``weights``) and the prebuilt CUDA
+binaries beside it (``cuda_binary``). :func:`read_library_info` refuses a library whose sidecar
+is missing or describes another file, so ``verify`` can tell when a library belongs to a
+different model.
 
-A CUDA library holds CUDA C, not machine code: TVM compiles it when the library is loaded. So a
-CUDA build needs no GPU, but the machine that *runs* it needs what :data:`CUDA_RUNTIME_NEEDS`
-says.
-
-TVM is imported inside the functions that load and run, not at the top: ``verify`` reads
-sidecars and ``TensorSpec`` before it decides to load anything, and ``optimize``/``expand``
-import this module's neighbours without ever needing TVM.
+Loading and running is :mod:`gconv_compile.runtime`'s (TVM's runtime alone: no compiler, no
+``tvm.relax``): :func:`load_library` wraps its :class:`~gconv_compile.runtime.Library` in a
+:class:`Runner` that also carries the sidecar as a :class:`LibraryInfo`, and
+:meth:`gconv_compile.build.CompiledModel.runner` makes one from a build in memory.
+:func:`write_bundle` writes what a machine that only runs the library needs.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-import json
+import importlib.metadata
 import logging
 import os
+import re
 import shutil
-import time
-from collections.abc import Mapping, Sequence
+import subprocess
+import sys
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import onnx_ir as ir
 
+from gconv_compile import runtime
 from gconv_compile._version import __version__
-from gconv_compile.errors import GconvError, UserError, tvm_message
+from gconv_compile.errors import UserError, one_line
 from gconv_compile.model_io import LoadedModel
-from gconv_compile.targets import cuda_available, host_can_run
+from gconv_compile.runtime import (  # noqa: F401 - re-exported: the sidecar is shared with runtime
+    SIDECAR_FORMAT,
+    SIDECAR_SUFFIX,
+    RunFailed,
+    TensorSpec,
+    file_sha256,
+    read_sidecar,
+    sidecar_path,
+)
 
 logger = logging.getLogger(__name__)
 
-SIDECAR_SUFFIX = ".json"
-SIDECAR_FORMAT = "gconv-compile-library/1"
 CUDA_RUNTIME_NEEDS = (
-    "A CUDA library holds CUDA C that TVM compiles when the library is loaded, so the machine "
-    "that runs it needs an NVIDIA GPU and driver, apache-tvm, the CUDA toolkit headers "
-    "(CUDA_PATH=/usr/local/cuda, or nvcc on PATH), and a CUDA compiler: NVRTC "
-    "(pip install cuda-bindings nvidia-cuda-nvrtc; TVM's default) or nvcc "
-    "(TVM_CUDA_COMPILE_MODE=nvcc; chosen automatically when cuda-bindings is missing and nvcc "
-    "is on PATH). Building needs none of this."
+    "A CUDA library needs an NVIDIA GPU and driver where it runs, and TVM's runtime "
+    "(gconv-compile bundle writes it: no compiler). Its CUDA C is compiled at build time into a "
+    "fatbin for --arch beside it (OUT.so.fatbin.npz) when nvcc is found (on PATH or under "
+    "$CUDA_PATH/bin), so loading needs no CUDA compiler; otherwise nvcc is needed where it is "
+    "loaded. Building needs no GPU."
 )
-
-
-@dataclasses.dataclass
-class TensorSpec:
-    """Name, shape (ints, symbol names, or None for an unnamed dim) and dtype of a tensor."""
-
-    name: str
-    shape: list[int | str | None] | None
-    dtype: str
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_value(cls, value: ir.Value) -> TensorSpec:
-        shape = None
-        if value.shape is not None:
-            shape = [d if isinstance(d, int) else d.value for d in value.shape]
-        dtype = value.dtype.numpy().name if value.dtype is not None else "float32"
-        return cls(value.name, shape, dtype)
-
-    def accepts(self, shape: Sequence[int]) -> bool:
-        """Whether an array of ``shape`` fits (same rank, same size on every static dim)."""
-        if self.shape is None:
-            return True
-        return len(shape) == len(self.shape) and all(
-            not isinstance(d, int) or d == s for d, s in zip(self.shape, shape)
-        )
-
-    def describe(self) -> str:
-        dims = (
-            "?"
-            if self.shape is None
-            else "x".join("?" if d is None else str(d) for d in self.shape)
-        )
-        return f"{self.name} {self.dtype}[{dims}]"
 
 
 @dataclasses.dataclass
@@ -102,6 +71,9 @@ class LibraryInfo:
     library_sha256: str | None = None
     tvm_version: str = ""
     gconv_compile_version: str = __version__
+    weights: dict[str, Any] | None = None  # {"file", "format", "names"}: read at load
+    cuda_binary: dict[str, Any] | None = None  # {"file", "arch", "format", "compiler"}
+    cuda_note: str | None = None  # why the CUDA C is compiled at load time
 
     @property
     def target_kind(self) -> str:
@@ -109,6 +81,9 @@ class LibraryInfo:
 
     def to_dict(self) -> dict[str, Any]:
         data = {"format": SIDECAR_FORMAT, **dataclasses.asdict(self)}
+        for key in ("weights", "cuda_binary", "cuda_note"):
+            if data[key] is None:
+                del data[key]
         if self.target_kind == "cuda":
             data["runtime_needs"] = CUDA_RUNTIME_NEEDS
         return data
@@ -124,18 +99,6 @@ class LibraryInfo:
         return cls(**values)
 
 
-def sidecar_path(library: str | os.PathLike) -> Path:
-    return Path(str(library) + SIDECAR_SUFFIX)
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def model_fingerprint(loaded: LoadedModel) -> str:
     """sha256 of the model file's bytes, or of the deterministic serialisation in memory.
 
@@ -147,167 +110,125 @@ def model_fingerprint(loaded: LoadedModel) -> str:
     return hashlib.sha256(proto.SerializeToString(deterministic=True)).hexdigest()
 
 
-class RunFailed(GconvError):
-    """The compiled model failed on inputs it accepts: a wrong result, not bad input."""
-
-    exit_code = 1
-
-
 def read_library_info(library: str | os.PathLike) -> LibraryInfo:
     """Read and check a library's sidecar.
 
     Raises:
         UserError: The library or its sidecar is missing, unreadable, or describes another file.
     """
-    path = Path(library)
-    if not path.is_file():
-        raise UserError(f"{path}: no such library")
-    side = sidecar_path(path)
-    if not side.is_file():
-        raise UserError(
-            f"{path}: no {side.name} beside it; compile the model with gconv-compile to get one"
-        )
+    data = read_sidecar(library)
     try:
-        info = LibraryInfo.from_dict(json.loads(side.read_text()))
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise UserError(f"{side}: not a gconv-compile library description ({exc})")
-    if info.library_sha256 != file_sha256(path):
-        raise UserError(f"{side} describes another library than {path} (sha256 differs)")
-    return info
+        return LibraryInfo.from_dict(data)
+    except (ValueError, KeyError, TypeError) as exc:
+        side = sidecar_path(library)
+        raise UserError(f"{side}: not a gconv-compile library description ({one_line(exc)})")
 
 
-def load_library(library: str | os.PathLike) -> Runner:
-    """Load an exported library (from any process) and make a VM on its target's device.
+def load_library(library: str | os.PathLike, *, threads: int | None = None) -> Runner:
+    """Load an exported library with TVM's runtime alone; see :func:`gconv_compile.runtime.load`.
 
     Raises:
         UserError: Missing/mismatched sidecar, no GPU for a CUDA library, a CPU that cannot
-            run the code, or no CUDA compiler to finish loading a CUDA library.
+            run the code, or a weights file that does not fit.
     """
-    import tvm  # see the module docstring
-
     info = read_library_info(library)
-    if info.target_kind == "cuda":
-        if not cuda_available():
-            raise UserError(f"{library}: a CUDA library needs a GPU and none is visible")
-        _choose_cuda_compiler()
-    else:
-        reason = host_can_run(info.target)
-        if reason:
-            raise UserError(f"{library}: cannot run here: {reason}")
-    try:
-        module = tvm.runtime.load_module(str(library))
-    except Exception as exc:
-        hint = f" ({CUDA_RUNTIME_NEEDS})" if info.target_kind == "cuda" else ""
-        raise UserError(f"{library}: TVM cannot load it: {tvm_message(exc)}{hint}")
-    return Runner(module, info)
-
-
-def _choose_cuda_compiler() -> None:
-    """Use nvcc when NVRTC's Python bindings are missing (TVM's default is NVRTC)."""
-    if os.environ.get("TVM_CUDA_COMPILE_MODE"):
-        return
-    try:
-        import cuda.bindings.nvrtc  # noqa: F401
-    except ImportError:
-        if shutil.which("nvcc"):
-            logger.info("cuda-bindings not installed; TVM compiles the CUDA C with nvcc")
-            os.environ["TVM_CUDA_COMPILE_MODE"] = "nvcc"
-        else:
-            raise UserError(f"no CUDA compiler to load the library with. {CUDA_RUNTIME_NEEDS}")
+    return Runner(runtime.load(library, threads=threads), info)
 
 
 class Runner:
-    """A Relax VM over a compiled model, fed and read by ONNX tensor name."""
+    """A loaded model and its sidecar: :class:`gconv_compile.runtime.Library` plus ``info``."""
 
-    def __init__(self, module, info: LibraryInfo) -> None:
-        import tvm
-        from tvm import relax
-
+    def __init__(self, library: runtime.Library, info: LibraryInfo) -> None:
+        self.library = library
         self.info = info
-        self.device = tvm.cuda(0) if info.target_kind == "cuda" else tvm.cpu(0)
-        if info.target_kind == "cuda" and not cuda_available():
-            raise UserError("a CUDA build runs on a GPU and none is visible")
-        if info.target_kind == "cuda":
-            _choose_cuda_compiler()
-        try:
-            self.vm = relax.VirtualMachine(module, self.device)
-        except Exception as exc:
-            raise UserError(f"TVM cannot start the model's VM: {tvm_message(exc)}")
-        self._main = self.vm["main"]
+
+    @classmethod
+    def from_executable(
+        cls, executable: Any, info: LibraryInfo, weights: Mapping[str, np.ndarray] | None = None
+    ) -> Runner:
+        """A VM over a build in memory (``weights``: the arrays a weights-file build reads)."""
+        module = executable.jit()
+        return cls(runtime.open_module(module, info.to_dict(), weights=weights), info)
 
     @property
     def device_name(self) -> str:
-        return "cuda:0" if self.info.target_kind == "cuda" else "cpu"
+        return self.library.device
 
     def run(self, feeds: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Run once; ``feeds`` maps every input name to an array.
 
         Raises:
             UserError: A missing/unknown input, or a shape or dtype the library cannot take.
+            RunFailed: The model failed on inputs it accepts.
         """
-        import tvm
+        return self.library.run(feeds)
 
-        names = [spec.name for spec in self.info.inputs]
-        missing = [n for n in names if n not in feeds]
-        unknown = sorted(set(feeds) - set(names))
-        if missing or unknown:
-            raise UserError(
-                f"inputs do not match the library: missing {missing}, unknown {unknown}"
-            )
-        args = []
-        for spec in self.info.inputs:
-            array = np.ascontiguousarray(feeds[spec.name])
-            if array.dtype.name != spec.dtype:
-                raise UserError(
-                    f"input '{spec.name}': dtype {array.dtype.name}, the library takes {spec.dtype}"
-                )
-            if not spec.accepts(array.shape):
-                raise UserError(
-                    f"input '{spec.name}': shape {list(array.shape)}, the library takes "
-                    f"{spec.describe()}"
-                )
-            args.append(self._tensor(array))
-        try:
-            result = self._main(*args)
-        except Exception as exc:
-            raise RunFailed(f"the compiled model failed to run: {tvm_message(exc)}")
-        values = [result] if isinstance(result, tvm.runtime.Tensor) else list(result)
-        if len(values) != len(self.info.outputs):
-            raise UserError(
-                f"the compiled model returned {len(values)} value(s) for "
-                f"{len(self.info.outputs)} output(s)"
-            )
-        return {spec.name: value.numpy() for spec, value in zip(self.info.outputs, values)}
 
-    def _tensor(self, array: np.ndarray):
-        """The input as a TVM tensor: read in place on the CPU when DLPack allows, else copied."""
-        import tvm
+# ------------------------------------------------------------------------------- bundle
 
-        on_cpu = self.device.dlpack_device_type() == 1
-        if on_cpu and array.flags.writeable and array.ctypes.data % 64 == 0:
-            try:  # as onnxruntime does; DLPack needs 64-byte alignment
-                return tvm.runtime.from_dlpack(array)
-            except (BufferError, RuntimeError, ValueError):
-                pass
-        return tvm.runtime.tensor(array, device=self.device)
+# What a machine that only runs libraries needs of gconv_compile (numpy and tvm-ffi only).
+BUNDLE_MODULES = ("errors.py", "runtime.py")
+BUNDLE_INIT = '''"""The runtime subset of gconv-compile: gconv_compile.runtime.load(PATH)."""\n'''
+FFI_PLATFORM = "manylinux_2_28_x86_64"
 
-    def time_runs(
-        self, feeds: Mapping[str, np.ndarray], *, warmup: int = 3, runs: int = 20
-    ) -> list[float]:
-        """Seconds per run, inputs already on the device, synchronised after each run."""
-        import tvm
 
-        args = [
-            tvm.runtime.tensor(np.ascontiguousarray(feeds[spec.name]), device=self.device)
-            for spec in self.info.inputs
-        ]
-        for _ in range(warmup):
-            self._main(*args)
-        self.device.sync()
-        times = []
-        for _ in range(runs):
-            started = time.perf_counter()
-            self._main(*args)
-            self.device.sync()
-            times.append(time.perf_counter() - started)
-        return times
+def write_bundle(
+    library: str | os.PathLike, out: str | os.PathLike, *, python: str = "3.12",
+    wheels: str | os.PathLike | None = None,
+) -> int:  # fmt: skip
+    """Write what a machine that only runs ``library`` needs into ``out``; returns its bytes.
+
+    ``OUT/`` gets the library, its sidecar, its weights file and prebuilt CUDA binaries;
+    ``OUT/python/gconv_compile/`` the loader; ``OUT/runtime/`` ``libtvm_runtime.so`` (and
+    ``libtvm_runtime_cuda.so`` for a CUDA library) and the tvm-ffi wheel for CPython ``python``
+    on x86-64, from ``wheels`` or downloaded with pip.
+
+    Raises:
+        UserError: A library that does not check out, an output that is not an empty or new
+            folder, a bad ``python``, or no tvm-ffi wheel for it.
+    """
+    source, target = Path(library), Path(out)
+    info = read_library_info(source)
+    if not re.fullmatch(r"3\.\d{1,2}", python):
+        raise UserError(f"--python {python}: expected MAJOR.MINOR, e.g. 3.12")
+    if target.exists() and (not target.is_dir() or any(target.iterdir())):
+        raise UserError(f"{target}: exists and is not an empty folder")
+    package, libs = target / "python" / "gconv_compile", target / "runtime"
+    package.mkdir(parents=True)
+    libs.mkdir()
+    companions = [(entry or {}).get("file") for entry in (info.weights, info.cuda_binary)]
+    for name in [source.name, sidecar_path(source).name, *filter(None, companions)]:
+        shutil.copy2(source.parent / name, target / name)
+    for name in BUNDLE_MODULES:
+        shutil.copy2(Path(runtime.__file__).parent / name, package / name)
+    (package / "__init__.py").write_text(BUNDLE_INIT)
+    shared = ["libtvm_runtime.so"]
+    if info.target_kind == "cuda":
+        shared.append("libtvm_runtime_cuda.so")
+    for name in shared:
+        shutil.copy2(runtime.runtime_dir() / name, libs / name)
+    _bundle_ffi_wheel(libs, python, wheels)
+    return sum(p.stat().st_size for p in target.rglob("*") if p.is_file())
+
+
+def _bundle_ffi_wheel(folder: Path, python: str, wheels: str | os.PathLike | None) -> Path:
+    """The apache-tvm-ffi wheel of the version installed here, for CPython ``python``."""
+    version = importlib.metadata.version("apache-tvm-ffi")
+    pattern = f"apache_tvm_ffi-{version}-cp{python.replace('.', '')}-*.whl"
+    found = sorted(Path(wheels).glob(pattern)) if wheels is not None else []
+    if found:
+        return Path(shutil.copy2(found[-1], folder / found[-1].name))
+    command = [
+        sys.executable, "-m", "pip", "download", "-q", f"apache-tvm-ffi=={version}",
+        "--python-version", python, "--implementation", "cp", "--only-binary=:all:",
+        "--platform", FFI_PLATFORM, "--no-deps", "-d", str(folder),
+    ]  # fmt: skip
+    done = subprocess.run(command, capture_output=True, text=True)
+    found = sorted(folder.glob(pattern))
+    if done.returncode != 0 or not found:
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        raise UserError(
+            f"no apache-tvm-ffi {version} wheel for Python {python}: pip download failed "
+            f"({last[:200]}); pass --wheels DIR holding {pattern}"
+        )
+    return found[-1]

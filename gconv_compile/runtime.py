@@ -118,6 +118,15 @@ class TensorSpec:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    @classmethod
+    def from_value(cls, value: Any) -> TensorSpec:
+        """From an onnx-ir ``Value``, read by attribute (this module does not import onnx-ir)."""
+        shape = None
+        if value.shape is not None:
+            shape = [d if isinstance(d, int) else d.value for d in value.shape]
+        dtype = value.dtype.numpy().name if value.dtype is not None else "float32"
+        return cls(value.name, shape, dtype)
+
     def accepts(self, shape: Sequence[int]) -> bool:
         """Whether an array of ``shape`` fits (same rank, same size on every static dim)."""
         if self.shape is None:
@@ -212,6 +221,10 @@ def load_runtime(*, cuda: bool = False) -> Path:
     folder = runtime_dir()
     _load_shared("libtvm_runtime.so", folder, ctypes.RTLD_GLOBAL)
     if cuda and not _has_global("ffi.Module.load_from_bytes.cuda"):
+        try:
+            _loaded.setdefault("libcuda.so.1", ctypes.CDLL("libcuda.so.1", mode=ctypes.RTLD_GLOBAL))
+        except OSError:
+            raise UserError("a CUDA library needs a GPU and none is visible (no NVIDIA driver)")
         _load_cudart(folder)
         _load_shared("libtvm_runtime_cuda.so", folder, ctypes.RTLD_LOCAL)
     return folder
@@ -370,7 +383,10 @@ class Library:
         threads: Size of TVM's CPU thread pool.
     """
 
-    def __init__(self, path: Path, info: dict[str, Any], module: Any, threads: int) -> None:
+    def __init__(
+        self, path: Path | None, info: dict[str, Any], module: Any, threads: int,
+        weights: Mapping[str, np.ndarray] | None = None,
+    ) -> None:  # fmt: skip
         self.path, self.info, self.threads = path, info, threads
         self._inputs = [TensorSpec(**t) for t in info["inputs"]]
         self._outputs = [TensorSpec(**t) for t in info["outputs"]]
@@ -385,7 +401,7 @@ class Library:
             self._main = self._vm["main"]
         except Exception as exc:
             raise UserError(f"{path}: cannot start the model's VM: {one_line(exc)}")
-        self._weights = self._load_weights()
+        self._weights = self._load_weights(weights)
 
     @property
     def input_names(self) -> list[str]:
@@ -399,11 +415,17 @@ class Library:
     def device(self) -> str:
         return "cuda:0" if self._device.dlpack_device_type() == CUDA else "cpu"
 
-    def _load_weights(self) -> list[Any]:
+    def _load_weights(self, given: Mapping[str, np.ndarray] | None) -> list[Any]:
+        """The weights on the device in the library's order: ``given``, or from the file."""
         entry = self.info.get("weights")
         if not entry:
             return []
-        arrays = read_weights(self.path.parent / entry["file"])
+        if given is not None:
+            arrays = given
+        elif self.path is not None:
+            arrays = read_weights(self.path.parent / entry["file"])
+        else:
+            raise UserError("a library that reads its weights from a file needs its path")
         missing = [name for name in entry["names"] if name not in arrays]
         if missing:
             raise UserError(f"{entry['file']}: no weight(s) {missing[:3]} that the library needs")
@@ -502,17 +524,7 @@ def load(path: str | os.PathLike, *, threads: int | None = None) -> Library:
     """
     library = Path(path)
     info = read_sidecar(library)
-    kind = info["target"].get("kind")
-    if kind not in ("llvm", "cuda"):
-        raise UserError(f"{library}: target kind {kind!r} is not one this runtime can run")
-    if kind == "llvm":
-        reason = host_can_run(info["target"])
-        if reason:
-            raise UserError(f"{library}: cannot run here: {reason}")
-    load_runtime(cuda=kind == "cuda")
-    count = set_threads(threads)
-    if kind == "cuda":
-        _prepare_cuda(library, info)
+    count = _prepare(info, threads, library)
     try:
         module = tvm_ffi.load_module(str(library))
     except Exception as exc:
@@ -520,13 +532,43 @@ def load(path: str | os.PathLike, *, threads: int | None = None) -> Library:
     return Library(library, info, module, count)
 
 
-def _prepare_cuda(library: Path, info: dict[str, Any]) -> None:
+def open_module(
+    module: Any, info: Mapping[str, Any], *, weights: Mapping[str, np.ndarray] | None = None,
+    threads: int | None = None,
+) -> Library:  # fmt: skip
+    """A :class:`Library` over a runtime module already in memory (a build's ``jit()``)."""
+    count = _prepare(info, threads, None)
+    return Library(None, dict(info), module, count, weights)
+
+
+def _prepare(info: Mapping[str, Any], threads: int | None, library: Path | None) -> int:
+    """Check the target can run here, load the runtime, size the pool; returns the threads."""
+    label = library or "the library"
+    kind = info["target"].get("kind")
+    if kind not in ("llvm", "cuda"):
+        raise UserError(f"{label}: target kind {kind!r} is not one this runtime can run")
+    if kind == "llvm":
+        reason = host_can_run(info["target"])
+        if reason:
+            raise UserError(f"{label}: cannot run here: {reason}")
+    load_runtime(cuda=kind == "cuda")
+    count = set_threads(threads)
+    if kind == "cuda":
+        _prepare_cuda(library, info)
+    return count
+
+
+def _prepare_cuda(library: Path | None, info: Mapping[str, Any]) -> None:
     try:
         count = int(tvm_ffi.get_global_func("runtime.GetCudaDeviceCount")())
     except Exception:  # no driver: the CUDA runtime cannot even count devices
         count = 0
     if not count:
-        raise UserError(f"{library}: a CUDA library needs a GPU and none is visible")
+        raise UserError(
+            f"{library or 'the library'}: a CUDA library needs a GPU and none is visible"
+        )
     entry = info.get("cuda_binary") or {}
-    binaries = read_cuda_binaries(library.parent / entry["file"]) if entry.get("file") else {}
+    binaries = {}
+    if entry.get("file") and library is not None:
+        binaries = read_cuda_binaries(library.parent / entry["file"])
     _register_cuda_compile(binaries, entry.get("arch") or info["target"].get("arch", "sm_90"))
