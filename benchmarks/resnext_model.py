@@ -7,6 +7,10 @@ Two forms of the same network, with the same weights:
   hand-written models spell it), which ``FoldSplitConvConcat`` folds back into the grouped form.
 
 Weights are seeded random with a He-like scale so activations stay in range through 16 blocks.
+With ``bn=True`` the convolutions have no bias and each is followed by a
+``BatchNormalization`` node (seeded random scale, shift and running statistics), as exporters
+write a network whose batch norm was not folded; in the branchy form the batch norm follows the
+Concat, as torchvision's ``bn2`` follows the grouped ``conv2``.
 ``stage_convs()`` lists the distinct grouped conv shapes of the network, for per-conv benchmarks.
 """
 
@@ -55,10 +59,11 @@ class ConvShape:
 
 
 class _Builder:
-    def __init__(self, form: str, seed: int):
+    def __init__(self, form: str, seed: int, bn: bool = False):
         if form not in ("grouped", "branchy"):
             raise ValueError(f"form must be 'grouped' or 'branchy', not {form!r}")
         self.form = form
+        self.bn = bn
         self.rng = np.random.default_rng(seed)
         self.nodes: list[onnx.NodeProto] = []
         self.inits: list[onnx.TensorProto] = []
@@ -76,6 +81,8 @@ class _Builder:
         weight = self.rng.standard_normal((c_out, c_in // g, k, k)).astype(np.float32)
         weight *= np.float32(np.sqrt(2.0 / fan_in))
         bias = (0.1 * self.rng.standard_normal(c_out)).astype(np.float32)
+        if self.bn:
+            bn_params = self._batch_norm_params(c_out)
         attrs = dict(kernel_shape=[k, k], strides=[shape.stride] * 2, pads=[shape.pad] * 4)
         out = f"{shape.name}_out"
         if g > 1 and self.form == "branchy":
@@ -88,26 +95,47 @@ class _Builder:
             outs = []
             for i, part in enumerate(parts):
                 w = self._const(f"{shape.name}_w{i}", weight[i * step : (i + 1) * step])
-                b = self._const(f"{shape.name}_b{i}", bias[i * step : (i + 1) * step])
+                inputs = [part, w]
+                if not self.bn:
+                    inputs.append(
+                        self._const(f"{shape.name}_b{i}", bias[i * step : (i + 1) * step])
+                    )
                 outs.append(f"{shape.name}_c{i}")
                 self.nodes.append(
-                    helper.make_node(
-                        "Conv", [part, w, b], [outs[-1]], name=f"{shape.name}_{i}", **attrs
-                    )
+                    helper.make_node("Conv", inputs, [outs[-1]], name=f"{shape.name}_{i}", **attrs)
                 )
             self.nodes.append(
                 helper.make_node("Concat", outs, [out], axis=1, name=f"{shape.name}_concat")
             )
         else:
-            w = self._const(f"{shape.name}_w", weight)
-            b = self._const(f"{shape.name}_b", bias)
+            inputs = [x, self._const(f"{shape.name}_w", weight)]
+            if not self.bn:
+                inputs.append(self._const(f"{shape.name}_b", bias))
             self.nodes.append(
-                helper.make_node("Conv", [x, w, b], [out], name=shape.name, group=g, **attrs)
+                helper.make_node("Conv", inputs, [out], name=shape.name, group=g, **attrs)
             )
+        if self.bn:
+            names = [self._const(f"{shape.name}_bn_{k}", v) for k, v in bn_params.items()]
+            self.nodes.append(
+                helper.make_node(
+                    "BatchNormalization", [out, *names], [f"{out}_bn"], name=f"{shape.name}_bn"
+                )
+            )
+            out = f"{out}_bn"
         if relu:
             self.nodes.append(helper.make_node("Relu", [out], [f"{out}_relu"]))
             out = f"{out}_relu"
         return out
+
+    def _batch_norm_params(self, channels: int) -> dict[str, np.ndarray]:
+        """Scale, shift, running mean and variance of one batch norm (seeded random)."""
+        rng = self.rng
+        return {
+            "scale": (1.0 + 0.1 * rng.standard_normal(channels)).astype(np.float32),
+            "shift": (0.1 * rng.standard_normal(channels)).astype(np.float32),
+            "mean": (0.1 * rng.standard_normal(channels)).astype(np.float32),
+            "var": rng.uniform(0.5, 1.5, channels).astype(np.float32),
+        }
 
     def bottleneck(self, x: str, name: str, c_in: int, planes: int, size: int, stride: int) -> str:
         width = planes * WIDTH_PER_GROUP * GROUPS // 64
@@ -127,10 +155,14 @@ class _Builder:
 
 
 def build_resnext50(
-    form: str = "grouped", *, seed: int = 0, batch: int = 1, size: int = 224
+    form: str = "grouped", *, seed: int = 0, batch: int = 1, size: int = 224, bn: bool = False
 ) -> onnx.ModelProto:
-    """ResNeXt-50 32x4d, BN folded, in ``form`` 'grouped' or 'branchy'; same weights for one seed."""
-    b = _Builder(form, seed)
+    """ResNeXt-50 32x4d in ``form`` 'grouped' or 'branchy'; same weights for one seed.
+
+    ``bn``: BatchNormalization nodes after bias-free convs, instead of batch norm folded into
+    the convs' biases.
+    """
+    b = _Builder(form, seed, bn)
     x = b.conv("input", ConvShape("stem", 3, 64, size, 7, 2, 1), relu=True)
     b.nodes.append(
         helper.make_node(
@@ -151,7 +183,7 @@ def build_resnext50(
     b.nodes.append(helper.make_node("Gemm", ["flat", "fc_w", "fc_b"], ["logits"], transB=1))
     graph = helper.make_graph(
         b.nodes,
-        f"resnext50_32x4d_{form}",
+        f"resnext50_32x4d_{form}" + ("_bn" if bn else ""),
         [helper.make_tensor_value_info("input", TensorProto.FLOAT, [batch, 3, size, size])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, [batch, 1000])],
         b.inits,
