@@ -30,6 +30,24 @@ k...]`` for Conv, ``[C_in, C_out, k...]`` for ConvTranspose). It does G times th
 of the grouped one; from ``warn_multiplier`` up the pass records a warning, and above
 ``max_dense_multiplier`` it expands by split instead.
 
+Quantized models, split mode::
+
+    Xq ─ DQ ─ Conv(DQ(Wq, s_w, z_w), DQ(Bq, s_b), group=G) ─ Q ─ DQ ─ Y
+  ->
+    Xq ─ Split ─ DQ ─ Conv(DQ(Wq[i], s_w[i], z_w[i]), DQ(Bq[i], s_b[i])) ─┐
+               └ ...  (one per group)                                   ├─ Concat ─ Q ─ DQ ─ Y
+
+and ``QLinearConv(Xq, s_x, z_x, Wq, s_w, z_w, s_y, z_y, B, group=G)`` becomes a Split of ``Xq``,
+G QLinearConvs (``Wq[i]``, ``s_w[i]``, ``z_w[i]``, ``B[i]``; the x and y scales shared) and a
+Concat of their integer outputs. A weight or bias that is ``DequantizeLinear`` of constants
+(int8/uint8, int4/uint4, int16/uint16, int32 bias) is split in the integer domain: per-channel
+scales and zero points (axis 0) go with their rows, a per-tensor one stays shared (see
+:mod:`._quant`). A Conv input dequantized per tensor is split before its DequantizeLinear
+(each part gets a copy), so each branch keeps the DQ -> Conv form QDQ consumers look for. Dense
+mode puts the zero point off the blocks, which dequantizes to exactly 0. Every output channel
+is computed from the same integers and scales as before: QLinearConv outputs are bit-identical,
+and so are QDQ ones in onnxruntime (which runs a grouped Conv one group at a time).
+
 Every other attribute (kernel_shape, strides, pads, auto_pad, dilations, output_padding,
 output_shape) is kept on each new convolution, so every padding form, 1-D to 3-D kernels and
 symbolic batch or spatial dims carry over. The rewrite is anchored at the Conv and its result
@@ -46,7 +64,8 @@ Expands when:
       and ``select`` (a target's cost model, say) returns None for it.
 
 Refuses, leaving the node as it is and recording why: a weight or bias that is computed or
-can be fed at run time, channel counts that do not divide by the group, an input whose
+can be fed at run time (also as the DequantizeLinear of such a tensor), blocked quantization
+(``block_size``: a group boundary can cut a block), channel counts that do not divide by the group, an input whose
 channels disagree with the weight, and every case the options exclude (for ``select``, with
 the reason it returned).
 """
@@ -76,6 +95,7 @@ from ._common import (
 )
 from ._driver import AnchoredPass, Match, Scope
 from ._geometry import CONV, ConvGeometry
+from ._quant import QuantConst, add_dequantized, qlinear_weight, read_dequantized
 
 logger = logging.getLogger(__name__)
 
@@ -86,6 +106,8 @@ LARGE_DENSE_MULTIPLIER = 4.0
 # Split changed from a `split` attribute to a `split` input in opset 13.
 SPLIT_INPUT_OPSET = 13
 
+# Quantized convolutions with the layout of Conv, expanded when "Conv" is among the op types.
+QUANTIZED_CONV_OPS = ("QLinearConv",)
 Select = Callable[[ir.Node, ConvGeometry], "str | None"]
 """Decides per node: None expands it, a string leaves it alone with that string as the reason."""
 
@@ -98,6 +120,9 @@ class _Match(Match):
     bias: np.ndarray | None
     mode: str
     note: str | None = None
+    weight_q: QuantConst | None = None
+    """The weight's integers, scale and zero point (QDQ weight or QLinearConv)."""
+    bias_q: QuantConst | None = None
 
     @property
     def conv(self) -> ir.Node:
@@ -172,7 +197,8 @@ class ExpandGroupedConv(AnchoredPass):
         self.warnings = []
 
     def _is_anchor(self, node: ir.Node) -> bool:
-        return is_onnx_op(node, *self.op_types)
+        quantized = QUANTIZED_CONV_OPS if "Conv" in self.op_types else ()
+        return is_onnx_op(node, *self.op_types, *quantized)
 
     # ----------------------------------------------------------------------------- matching
 
@@ -185,20 +211,13 @@ class ExpandGroupedConv(AnchoredPass):
             raise Refusal("named in the skip list", conv)
         if len(conv.inputs) < 2 or conv.inputs[1] is None or conv.inputs[0] is None:
             raise Refusal(f"{NODE} has no data or weight input", conv)
-        weight = const_array(conv.inputs[1])
-        if weight is None:
-            raise Refusal(f"weight of {NODE} is not a constant", conv)
+        weight_q, bias_q, weight, bias = _read_weights(conv)
         if weight.ndim < 3:
             raise Refusal(f"{NODE} has a weight of rank {weight.ndim}", conv)
-        bias = None
-        if len(conv.inputs) > 2 and conv.inputs[2] is not None:
-            bias = const_array(conv.inputs[2])
-            if bias is None:
-                raise Refusal(f"bias of {NODE} is not a constant", conv)
         attrs = conv_attrs(conv, weight.shape)
         geometry = ConvGeometry.from_weight(conv.op_type, weight.shape, group)
         _check_channels(conv, geometry, bias)
-        match = _Match(conv, attrs, geometry, weight, bias, self.mode)
+        match = _Match(conv, attrs, geometry, weight, bias, self.mode, None, weight_q, bias_q)
         self._check_options(match)
         limit = self.max_dense_multiplier
         if match.mode == "dense" and limit is not None and group > limit:
@@ -272,6 +291,38 @@ class ExpandGroupedConv(AnchoredPass):
 
 # --------------------------------------------------------------------------------- helpers
 
+# Where a convolution keeps its bias: Conv/ConvTranspose input 2, QLinearConv input 8.
+_BIAS_INPUT = {"QLinearConv": 8}
+
+
+def _read_weights(
+    conv: ir.Node,
+) -> tuple[QuantConst | None, QuantConst | None, np.ndarray, np.ndarray | None]:
+    """(weight_q, bias_q, weight, bias): the quantized forms (or None) and the stored arrays.
+
+    A QDQ weight or bias is read through its DequantizeLinear (the integers are what is
+    split); a QLinearConv's through its scale and zero point inputs.
+    """
+    if conv.op_type == "QLinearConv":
+        if len(conv.inputs) < 8 or any(conv.inputs[i] is None for i in (0, 3, 4, 5)):
+            raise Refusal(f"{NODE} lacks a QLinearConv input", conv)
+        weight_q, bias_q = qlinear_weight(conv), None
+    else:
+        weight_q = read_dequantized(conv.inputs[1], "weight", conv)
+        bias_q = None
+        if len(conv.inputs) > 2 and conv.inputs[2] is not None:
+            bias_q = read_dequantized(conv.inputs[2], "bias", conv)
+    weight = weight_q.values if weight_q is not None else const_array(conv.inputs[1])
+    if weight is None:
+        raise Refusal(f"weight of {NODE} is not a constant", conv)
+    index = _BIAS_INPUT.get(conv.op_type, 2)
+    bias = None
+    if len(conv.inputs) > index and conv.inputs[index] is not None:
+        bias = bias_q.values if bias_q is not None else const_array(conv.inputs[index])
+        if bias is None:
+            raise Refusal(f"bias of {NODE} is not a constant", conv)
+    return weight_q, bias_q, weight, bias
+
 
 def _check_channels(conv: ir.Node, geometry: ConvGeometry, bias: np.ndarray | None) -> None:
     """The weight's rows must divide into the groups and agree with the bias and the input."""
@@ -298,25 +349,15 @@ def _split(match: _Match, scope: Scope, base: str) -> tuple[list[ir.Node], ir.Va
     """Split -> one Conv per group -> Concat."""
     conv, geometry, names = match.conv, match.geometry, scope.names
     opset = _onnx_opset(scope.graph, scope.model)
-    split = _split_node(conv.inputs[0], geometry, scope, base, opset, before=conv)
+    dequantize = _per_tensor_dequantize(conv)
+    source = dequantize.inputs[0] if dequantize is not None else conv.inputs[0]
+    split = _split_node(source, geometry, scope, base, opset, before=conv)
     attributes = _branch_attributes(conv)
     out_type = conv.outputs[0].type
     out_shape = _with_channels(conv.outputs[0].shape, geometry.out_per_group)
     branches, outputs = [], []
-    for index, part in enumerate(split.outputs):
-        weight = np.ascontiguousarray(match.weight[geometry.weight_rows(index)])
-        inputs = [
-            part,
-            add_constant(scope.graph, weight, names.fresh(f"{base}.weight_g{index}"),
-                         as_node=scope.in_function, before=conv),
-        ]  # fmt: skip
-        if match.bias is not None:
-            channels = geometry.output_range(index)
-            bias = np.ascontiguousarray(match.bias[channels.start : channels.stop])
-            inputs.append(
-                add_constant(scope.graph, bias, names.fresh(f"{base}.bias_g{index}"),
-                             as_node=scope.in_function, before=conv)
-            )  # fmt: skip
+    for index, part in enumerate(_split_parts(split, conv, scope, base)):
+        inputs = _branch_inputs(match, scope, part, index, base)
         branch = ir.node(
             conv.op_type, inputs, attributes=dict(attributes),
             name=names.fresh(f"{base}_g{index}"), num_outputs=1,
@@ -329,11 +370,92 @@ def _split(match: _Match, scope: Scope, base: str) -> tuple[list[ir.Node], ir.Va
     concat = ir.node("Concat", outputs, {"axis": 1}, name=names.fresh(f"{base}_concat"))
     details = {
         "branches": geometry.group,
-        "branch_weight_shape": list(branches[0].inputs[1].shape),
+        "branch_weight_shape": list(match.weight[geometry.weight_rows(0)].shape),
         "split_form": "attribute" if opset < SPLIT_INPUT_OPSET else "input",
         "new_nodes": [split.name, *(b.name for b in branches), concat.name],
     }
-    return [split, *branches, concat], concat.outputs[0], details
+    parts = [v.producer() for v in (b.inputs[0] for b in branches) if v.producer() is not split]
+    return [split, *parts, *branches, concat], concat.outputs[0], details
+
+
+def _per_tensor_dequantize(conv: ir.Node) -> ir.Node | None:
+    """The per-tensor DequantizeLinear of constant scale feeding a Conv's input, if any.
+
+    Such an input is split in the integer domain, each part dequantized by its own copy
+    (``DQ(split(q)) == split(DQ(q))`` exactly), so each branch keeps the Q -> DQ -> Conv form
+    that QDQ consumers look for.
+    """
+    source = conv.inputs[0]
+    node = source.producer() if conv.op_type == CONV else None
+    if not is_onnx_op(node, "DequantizeLinear") or attr_int(node, "block_size", 0):
+        return None
+    params = [const_array(v) if v is not None else None for v in node.inputs[1:3]]
+    if params[0] is None or params[0].size != 1:
+        return None
+    if len(node.inputs) > 2 and node.inputs[2] is not None and params[1] is None:
+        return None
+    return node
+
+
+def _split_parts(split: ir.Node, conv: ir.Node, scope: Scope, base: str) -> list[ir.Value]:
+    """The Split's outputs, each dequantized as the Conv's input was when it split integers."""
+    dequantize = _per_tensor_dequantize(conv)
+    if dequantize is None or split.inputs[0] is not dequantize.inputs[0]:
+        return list(split.outputs)
+    parts = []
+    for index, part in enumerate(split.outputs):
+        node = ir.node(
+            "DequantizeLinear", [part, *dequantize.inputs[1:]],
+            attributes=dict(dequantize.attributes), name=scope.names.fresh(f"{base}_dq{index}"),
+        )  # fmt: skip
+        node.outputs[0].name = scope.names.fresh(f"{base}_in{index}_dequantized")
+        node.outputs[0].type = conv.inputs[0].type
+        node.outputs[0].shape = _with_channels(
+            conv.inputs[0].shape, part.shape[1] if part.shape else 0
+        )
+        parts.append(node.outputs[0])
+    return parts
+
+
+def _branch_inputs(
+    match: _Match, scope: Scope, part: ir.Value, index: int, base: str
+) -> list[ir.Value]:
+    """Group ``index``'s inputs: its input part, weight and bias (quantized as they were)."""
+    conv, geometry, names = match.conv, match.geometry, scope.names
+    rows = geometry.weight_rows(index)
+    channels = geometry.output_range(index)
+    outs = slice(channels.start, channels.stop)
+
+    def constant(array: np.ndarray, label: str) -> ir.Value:
+        return add_constant(scope.graph, np.ascontiguousarray(array),
+                            names.fresh(f"{base}.{label}_g{index}"),
+                            as_node=scope.in_function, before=conv)  # fmt: skip
+
+    def dequantized(quant: QuantConst, label: str) -> ir.Value:
+        return add_dequantized(scope.graph, quant, f"{base}.{label}_g{index}",
+                               as_node=scope.in_function, before=conv, names=names)  # fmt: skip
+
+    if conv.op_type == "QLinearConv":
+        weight = match.weight_q.rows(rows)
+        shared = weight.axis is None  # one scale and zero point for every group: reuse them
+        inputs = [
+            part, *conv.inputs[1:3], constant(weight.values, "weight"),
+            conv.inputs[4] if shared else constant(weight.scale, "weight_scale"),
+            conv.inputs[5] if shared else constant(weight.zero_point, "weight_zero_point"),
+            *conv.inputs[6:8],
+        ]  # fmt: skip
+        if match.bias is not None:
+            inputs.append(constant(match.bias[outs], "bias"))
+        return inputs
+    if match.weight_q is not None:
+        inputs = [part, dequantized(match.weight_q.rows(rows), "weight")]
+    else:
+        inputs = [part, constant(match.weight[rows], "weight")]
+    if match.bias_q is not None:
+        inputs.append(dequantized(match.bias_q.rows(outs), "bias"))
+    elif match.bias is not None:
+        inputs.append(constant(match.bias[outs], "bias"))
+    return inputs
 
 
 def _split_node(
@@ -365,15 +487,31 @@ def _split_node(
 
 def _dense(match: _Match, scope: Scope, base: str) -> tuple[list[ir.Node], ir.Value, dict]:
     """One ungrouped convolution with a block-diagonal weight."""
-    conv = match.conv
-    weight = block_diagonal_weight(match.weight, match.group, conv.op_type)
-    weight_value = add_constant(
-        scope.graph, weight, scope.names.fresh(f"{base}.weight"), as_node=scope.in_function,
-        before=conv,
-    )  # fmt: skip
-    inputs = [conv.inputs[0], weight_value]
+    conv, names = match.conv, scope.names
+    if match.weight_q is None:
+        weight = block_diagonal_weight(match.weight, match.group, conv.op_type)
+        weight_value = add_constant(
+            scope.graph, weight, names.fresh(f"{base}.weight"), as_node=scope.in_function,
+            before=conv,
+        )  # fmt: skip
+        inputs = [conv.inputs[0], weight_value]
+    else:
+        quant = block_diagonal_quantized(match.weight_q, match.group, conv.op_type)
+        weight = quant.values
+        if conv.op_type == "QLinearConv":
+            inputs = [*conv.inputs[:3]] + [
+                add_constant(scope.graph, array, names.fresh(f"{base}.{label}"),
+                             as_node=scope.in_function, before=conv)
+                for array, label in ((quant.values, "weight"), (quant.scale, "weight_scale"),
+                                     (quant.zero_point, "weight_zero_point"))
+            ] + [*conv.inputs[6:8]]  # fmt: skip
+        else:
+            inputs = [conv.inputs[0], add_dequantized(
+                scope.graph, quant, f"{base}.weight", as_node=scope.in_function, before=conv,
+                names=names)]  # fmt: skip
     if match.bias is not None:
-        inputs.append(conv.inputs[2])  # the bias does not depend on the grouping
+        # The bias does not depend on the grouping.
+        inputs.append(conv.inputs[_BIAS_INPUT.get(conv.op_type, 2)])
     dense = ir.node(
         conv.op_type, inputs, attributes=_branch_attributes(conv),
         name=base, num_outputs=1,
@@ -403,6 +541,20 @@ def block_diagonal_weight(weight: np.ndarray, group: int, op_type: str = CONV) -
         cols = columns(index)
         dense[rows, cols.start : cols.stop] = weight[rows]
     return dense
+
+
+def block_diagonal_quantized(quant: QuantConst, group: int, op_type: str = CONV) -> QuantConst:
+    """:func:`block_diagonal_weight` of a quantized weight: off the blocks, the zero point.
+
+    Each position off the blocks holds its row's (or column's) zero point, so it dequantizes
+    to exactly 0; a scale per input channel (axis 1) is repeated for every group.
+    """
+    wide = np.int64
+    centred = quant.values.astype(wide) - quant.zero_points().astype(wide)
+    dense_centred = block_diagonal_weight(centred, group, op_type)
+    dense = quant.with_values(dense_centred, tile=group if quant.axis == 1 else 1)
+    values = (dense_centred + dense.zero_points().astype(wide)).astype(quant.values.dtype)
+    return dataclasses.replace(dense, values=values)
 
 
 def _branch_attributes(conv: ir.Node) -> dict[str, ir.Attr]:

@@ -1,0 +1,216 @@
+"""Quantized constants of the conv passes: read, cut into groups, joined, embedded, rebuilt.
+
+A convolution of a quantized model (what ``onnxruntime.quantization`` writes, and what NPU
+toolchains consume) takes its weight and bias as ``DequantizeLinear`` of constant integers
+(QDQ form), or as integers plus scale and zero point inputs (``QLinearConv``). Both are read
+into one :class:`QuantConst`: the integer values, the scale and zero point, and the axis they
+apply along (None: one scale for the whole tensor).
+
+What the passes do with one, exactly (no value is ever requantized):
+
+* rows ``a:b`` of axis 0 (a group's weight, a branch's bias): the values' rows, and the scale
+  and zero point rows when they are per-axis on axis 0; otherwise they are shared;
+* joining tensors on axis 0 (a fold): values concatenated; per-axis-0 scales concatenated;
+  per-tensor scales kept when every part has the same scale and zero point, else repeated into
+  per-axis-0 scales (each part's rows keep exactly their own scale); scales per-axis on any
+  other axis must be equal in every part;
+* a block-diagonal or embedded weight (dense expansion, MixConv): the new positions hold the
+  zero point, so they dequantize to exactly 0.
+
+Refused with the reason: a ``DequantizeLinear`` whose inputs are not constants, and blocked
+quantization (``block_size``, opset 21), whose blocks a group boundary can cut.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import onnx_ir as ir
+
+from ._common import (
+    NODE,
+    Refusal,
+    add_constant,
+    attr_int,
+    const_array,
+    is_onnx_op,
+    through_identity,
+)
+
+
+@dataclasses.dataclass
+class QuantConst:
+    """A quantized constant: ``(values - zero_point) * scale`` along ``axis``."""
+
+    values: np.ndarray
+    scale: np.ndarray
+    zero_point: np.ndarray | None
+    axis: int | None
+    """Axis of a per-axis scale; None: one scale for the whole tensor."""
+    attributes: dict = dataclasses.field(default_factory=dict)
+    """The DequantizeLinear's other attributes (kept on every rebuilt one)."""
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.values.shape)
+
+    def _broadcast(self, array: np.ndarray) -> np.ndarray:
+        if self.axis is None:
+            return array.reshape(())
+        shape = [1] * self.values.ndim
+        shape[self.axis] = -1
+        return array.reshape(shape)
+
+    def zero_points(self) -> np.ndarray:
+        """The zero point, broadcastable against ``values`` (0 when absent)."""
+        if self.zero_point is None:
+            return np.zeros((), self.values.dtype)
+        return self._broadcast(self.zero_point)
+
+    def dequantize(self) -> np.ndarray:
+        """The float tensor, as DequantizeLinear computes it (float32 math in the scale type)."""
+        centred = self.values.astype(np.int64) - self.zero_points().astype(np.int64)
+        return (centred.astype(np.float32) * self._broadcast(self.scale).astype(np.float32)).astype(
+            self.scale.dtype
+        )
+
+    def rows(self, rows: slice) -> QuantConst:
+        """Rows ``rows`` of axis 0, with their own scale and zero point."""
+        if self.axis != 0:
+            return dataclasses.replace(self, values=self.values[rows])
+        zero_point = None if self.zero_point is None else self.zero_point[rows]
+        return dataclasses.replace(
+            self, values=self.values[rows], scale=self.scale[rows], zero_point=zero_point
+        )
+
+    def per_axis0(self) -> QuantConst:
+        """The same tensor with a scale per row of axis 0 (from a per-tensor scale)."""
+        if self.axis == 0:
+            return self
+        rows = self.values.shape[0]
+        zero_point = None
+        if self.zero_point is not None:
+            zero_point = np.full(rows, self.zero_point.reshape(()), self.zero_point.dtype)
+        scale = np.full(rows, self.scale.reshape(()), self.scale.dtype)
+        return dataclasses.replace(self, scale=scale, zero_point=zero_point, axis=0)
+
+    def with_values(self, values: np.ndarray, tile: int = 1) -> QuantConst:
+        """New values of the same quantization; a per-axis scale not on axis 0 is tiled."""
+        if self.axis in (None, 0) or tile == 1:
+            return dataclasses.replace(self, values=values)
+        zero_point = None if self.zero_point is None else np.tile(self.zero_point, tile)
+        return dataclasses.replace(
+            self, values=values, scale=np.tile(self.scale, tile), zero_point=zero_point
+        )
+
+
+def read_dequantized(value: ir.Value | None, what: str, node: ir.Node) -> QuantConst | None:
+    """``value`` as a quantized constant when a DequantizeLinear of constants produces it.
+
+    Returns:
+        None when no DequantizeLinear produces ``value`` (it may be a plain constant).
+
+    Raises:
+        Refusal: A DequantizeLinear of computed integers, or blocked quantization.
+    """
+    value = through_identity(value)
+    producer = value.producer() if value is not None else None
+    if not is_onnx_op(producer, "DequantizeLinear"):
+        return None
+    arrays = [const_array(v) if v is not None else None for v in producer.inputs[:3]]
+    if (
+        arrays[0] is None
+        or arrays[1] is None
+        or (len(producer.inputs) > 2 and producer.inputs[2] is not None and arrays[2] is None)
+    ):
+        raise Refusal(f"{what} of {NODE} is the DequantizeLinear of a computed tensor", node)
+    block = attr_int(producer, "block_size", 0)
+    if block:
+        raise Refusal(
+            f"{what} of {NODE} uses blocked quantization (block_size {block}), whose blocks "
+            "a group boundary can cut; not supported",
+            node,
+        )
+    values, scale = arrays[0], arrays[1]
+    zero_point = arrays[2] if len(arrays) > 2 else None
+    axis = None
+    if scale.size > 1 or scale.ndim == 1 and values.ndim == 1:
+        axis = attr_int(producer, "axis", 1)
+        axis = axis + values.ndim if axis < 0 else axis
+    attributes = {k: a for k, a in producer.attributes.items() if k not in ("axis", "block_size")}
+    return QuantConst(values, scale, zero_point, axis, attributes)
+
+
+def qlinear_weight(conv: ir.Node) -> QuantConst:
+    """A QLinearConv's weight (inputs 3-5); per-axis-0 when its scale has one entry per row."""
+    arrays = [const_array(conv.inputs[i]) if conv.inputs[i] is not None else None
+              for i in (3, 4, 5)]  # fmt: skip
+    if any(a is None for a in arrays):
+        raise Refusal(f"weight, scale or zero point of {NODE} is not a constant", conv)
+    values, scale, zero_point = arrays
+    axis = 0 if scale.size > 1 else None
+    return QuantConst(values, scale, zero_point, axis)
+
+
+def join(parts: list[QuantConst], what: str) -> QuantConst:
+    """The parts concatenated on axis 0, each keeping its own scale and zero point exactly."""
+    first = parts[0]
+    dtypes = {(p.values.dtype.str, p.scale.dtype.str) for p in parts}
+    if len(dtypes) > 1:
+        raise Refusal(f"{what}s are quantized to different types")
+    values = np.concatenate([p.values for p in parts], axis=0)
+    if all(p.axis is None for p in parts) and _same_params(parts):
+        return dataclasses.replace(first, values=values)
+    if any(p.axis not in (None, 0) for p in parts):
+        if not _same_params(parts) or len({p.axis for p in parts}) > 1:
+            raise Refusal(
+                f"{what}s are quantized per channel on axis {first.axis} with different scales "
+                "or zero points; one tensor cannot hold them"
+            )
+        return dataclasses.replace(first, values=values)
+    rows = [p.per_axis0() for p in parts]
+    scale = np.concatenate([r.scale for r in rows])
+    zero_point = None
+    if any(r.zero_point is not None for r in rows):
+        zero_point = np.concatenate(
+            [r.zero_point if r.zero_point is not None else np.zeros(len(r.scale), values.dtype)
+             for r in rows]
+        ).astype(values.dtype)  # fmt: skip
+    return dataclasses.replace(first, values=values, scale=scale, zero_point=zero_point, axis=0)
+
+
+def _same_params(parts: list[QuantConst]) -> bool:
+    def key(part: QuantConst) -> tuple:
+        zero = part.zero_point
+        zero = np.zeros(part.scale.shape, np.int64) if zero is None else zero.astype(np.int64)
+        return part.scale.reshape(-1).tobytes(), zero.reshape(-1).tobytes()
+
+    return len({key(p) for p in parts}) == 1
+
+
+def add_dequantized(
+    graph: ir.Graph, quant: QuantConst, name: str, *, as_node: bool, before: ir.Node, names
+) -> ir.Value:
+    """A DequantizeLinear of ``quant``'s constants inserted before ``before``; its output."""
+    inputs = [
+        add_constant(graph, np.ascontiguousarray(quant.values), names.fresh(f"{name}_quantized"),
+                     as_node=as_node, before=before),
+        add_constant(graph, np.ascontiguousarray(quant.scale), names.fresh(f"{name}_scale"),
+                     as_node=as_node, before=before),
+    ]  # fmt: skip
+    if quant.zero_point is not None:
+        inputs.append(
+            add_constant(graph, np.ascontiguousarray(quant.zero_point),
+                         names.fresh(f"{name}_zero_point"), as_node=as_node, before=before)
+        )  # fmt: skip
+    attributes = dict(quant.attributes)
+    if quant.axis is not None:
+        attributes["axis"] = ir.AttrInt64("axis", quant.axis)
+    node = ir.node("DequantizeLinear", inputs, attributes=attributes, name=names.fresh(name))
+    out = node.outputs[0]
+    out.name = names.fresh(f"{name}_dequantized")
+    out.shape = ir.Shape(quant.values.shape)
+    out.type = ir.TensorType(ir.DataType.from_numpy(quant.scale.dtype))
+    graph.insert_before(before, node)
+    return out
