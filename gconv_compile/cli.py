@@ -24,7 +24,7 @@ from gconv_compile.build import compile as build
 from gconv_compile.errors import CheckFailed, GconvError, UserError, one_line
 from gconv_compile.explain import run_explain
 from gconv_compile.files import write_json_atomic
-from gconv_compile.library import CUDA_RUNTIME_NEEDS
+from gconv_compile.library import CUDA_RUNTIME_NEEDS, write_bundle
 from gconv_compile.model_io import check_output_path, load_model, save_model
 from gconv_compile.pipeline import run_checked
 from gconv_compile.profiles import builtin_profiles, load_profile
@@ -281,8 +281,9 @@ def _add_compile(sub) -> None:
         help="optimise and build a model with TVM for this CPU (llvm) or a CUDA GPU",
         description="Fold split-conv-concat blocks as the target's profile asks (checked with "
         "onnxruntime), import the model into TVM Relax (symbolic dims stay symbolic), build it "
-        "and write a library that tvm.runtime.load_module + relax.VirtualMachine run from any "
-        "process, with OUT.so.json beside it (inputs, outputs, target, sha256 of the model). "
+        "and write a library that TVM's runtime alone runs from any process (gconv_compile.runtime."
+        "load; `gconv-compile bundle` packs it), with OUT.so.json beside it (inputs, outputs, "
+        "target, sha256 of the model). "
         "Check the library with `gconv-compile verify IN.onnx --lib OUT.so`.",
         epilog=CUDA_RUNTIME_NEEDS,
     )
@@ -314,6 +315,11 @@ def _add_compile(sub) -> None:
         "--tune-db", metavar="DIR",
         help="tuning records: kept here by --tune-trials, applied to the build when present; "
         "tasks with records are not tuned again",
+    )  # fmt: skip
+    p.add_argument(
+        "--weights-file", metavar="W.npz",
+        help="keep the weights out of the library, in this .npz or .safetensors file beside it "
+        "(read when the library is loaded)",
     )  # fmt: skip
     p.add_argument("--report", metavar="R.json", help="write the report as JSON")
     _add_check_options(p)
@@ -354,6 +360,7 @@ def _run_compile(args: argparse.Namespace) -> int:
             seeds=tuple(range(args.seeds)), shapes=shapes, emit_source=args.emit_source,
             tune_trials=args.tune_trials, tune_db=args.tune_db,
             tune_progress=_ProgressBar("tuning") if args.tune_trials else None,
+            weights_file=args.weights_file,
         )  # fmt: skip
     except CheckFailed as failure:
         return _check_failed(failure, failure.report, args.report)
@@ -377,10 +384,14 @@ def _run_compile(args: argparse.Namespace) -> int:
     _echo(f"{'inputs':8} " + ", ".join(s.describe() for s in info.inputs))
     _echo(f"{'outputs':8} " + ", ".join(s.describe() for s in info.outputs))
     _echo(f"{'library':8} {compiled.library} (+ {compiled.library}.json)")
+    if info.weights:
+        _echo(f"{'weights':8} {len(info.weights['names'])} tensors in {args.weights_file}")
+    if info.cuda_binary:
+        _echo(f"{'cuda':8} {info.cuda_binary['arch']} fatbin by nvcc in {info.cuda_binary['file']}")
     for path in compiled.sources:
         _echo(f"{'source':8} {path}")
     if info.target_kind == "cuda":
-        _echo(f"{'note':8} {CUDA_RUNTIME_NEEDS}")
+        _echo(f"{'note':8} {info.cuda_note or CUDA_RUNTIME_NEEDS}")
     _write_report(report, args.report)
     return 0
 
@@ -445,6 +456,36 @@ def _run_verify(args: argparse.Namespace) -> int:
     return 0 if result.passed else 1
 
 
+# ------------------------------------------------------------------------------- bundle
+
+
+def _add_bundle(sub) -> None:
+    p = sub.add_parser(
+        "bundle",
+        help="write what a machine that only runs a library needs (no TVM compiler)",
+        description="Copy a compiled library, its sidecar, weights file and CUDA binaries into "
+        "DIR with the loader (DIR/python/gconv_compile: numpy and tvm-ffi only), TVM's runtime "
+        "library (DIR/runtime/libtvm_runtime.so, and libtvm_runtime_cuda.so for CUDA) and the "
+        "apache-tvm-ffi wheel for the target's Python (from --wheels, else pip download). "
+        "See docs/deployment.md.",
+    )
+    p.add_argument("library", metavar="LIB.so")
+    p.add_argument("-o", "--output", required=True, metavar="DIR", help="a new or empty folder")
+    p.add_argument("--python", default="3.12", metavar="X.Y",
+                   help="CPython version of the target machine (default 3.12)")  # fmt: skip
+    p.add_argument("--wheels", metavar="DIR", help="look for the tvm-ffi wheel here first")
+
+
+def _run_bundle(args: argparse.Namespace) -> int:
+    size = write_bundle(args.library, args.output, python=args.python, wheels=args.wheels)
+    _echo(f"bundle   {args.output}: {size / 2**20:.1f} MiB for Python {args.python}")
+    _echo(f"{'run':8} PYTHONPATH={args.output}/python:<unpacked wheel> "
+          f"GCONV_TVM_RUNTIME_DIR={args.output}/runtime python -c "
+          f"\"from gconv_compile.runtime import load; print(load('{args.output}/"
+          f"{Path(args.library).name}').input_names)\"")  # fmt: skip
+    return 0
+
+
 # ------------------------------------------------------------------------------- main
 
 _COMMANDS: dict[str, tuple[Callable, Callable]] = {
@@ -454,6 +495,7 @@ _COMMANDS: dict[str, tuple[Callable, Callable]] = {
     "explain": (_add_explain, _run_explain),
     "compile": (_add_compile, _run_compile),
     "verify": (_add_verify, _run_verify),
+    "bundle": (_add_bundle, _run_bundle),
 }
 
 

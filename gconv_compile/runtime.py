@@ -485,7 +485,7 @@ class Library:
     def _to_device(self, array: np.ndarray) -> Any:
         """On the CPU, read in place when 64-byte aligned (as onnxruntime does), else copy."""
         host = array if array.flags.c_contiguous else np.ascontiguousarray(array)
-        if host.ctypes.data % ALIGNMENT:
+        if host.ctypes.data % ALIGNMENT or not host.flags.writeable:  # DLPack needs both
             host = _aligned_copy(host)
         view = tvm_ffi.from_dlpack(host)
         if self._device.dlpack_device_type() == CPU:

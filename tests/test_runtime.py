@@ -20,7 +20,7 @@ from onnx import helper
 
 import gconv_compile
 from gconv_compile.errors import UserError
-from gconv_compile.runtime import load, read_weights, runtime_dir, sidecar_path
+from gconv_compile.runtime import find_nvcc, load, read_weights, runtime_dir, sidecar_path
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -178,3 +178,90 @@ def test_load_works_without_the_compiler_library(conv_library, tmp_path):
     got = np.load(tmp_path / "out.npz")
     for name in ("Y", "C"):
         np.testing.assert_allclose(got[name], expected[name], rtol=1e-4, atol=1e-5)
+
+
+# ------------------------------------------------------------------------------- compile options
+
+BARE_PYTHON = ROOT / "build" / "py312-bare" / "bin" / "python"
+WHEELS = ROOT / "build" / "wheels"
+
+
+@pytest.fixture(scope="module")
+def example(tmp_path_factory) -> tuple[Path, np.ndarray, np.ndarray]:
+    """Example 01 (folds three blocks) on disk, an input, and onnxruntime's output for it."""
+    sys.path.insert(0, str(ROOT / "examples" / "01_chunked_conv"))
+    import model as example01  # the example's own model script
+
+    folder = tmp_path_factory.mktemp("example")
+    proto = example01.build_model()
+    onnx.save(proto, folder / "ex.onnx")
+    x = np.random.default_rng(6).standard_normal((2, 3, 28, 28)).astype(np.float32)
+    return folder / "ex.onnx", x, ort_run(proto, {"image": x})["logits"]
+
+
+@pytest.mark.parametrize("suffix", [".npz", ".safetensors"])
+def test_compile_weights_file_keeps_the_weights_outside(example, tmp_path, suffix):
+    path, x, expected = example
+    compiled = gconv_compile.compile(
+        path, "llvm", output=tmp_path / "m.so", weights_file=tmp_path / f"m{suffix}"
+    )
+    side = json.loads(sidecar_path(tmp_path / "m.so").read_text())
+    assert side["weights"]["file"] == f"m{suffix}" and side["inputs"][0]["name"] == "image"
+    assert len(side["weights"]["names"]) == len(read_weights(tmp_path / f"m{suffix}"))
+    assert compiled.report.rewrites, "the fold ran before the weights were taken out"
+    for got in (load(tmp_path / "m.so").run({"image": x}), compiled.runner().run({"image": x})):
+        np.testing.assert_allclose(got["logits"], expected, rtol=1e-4, atol=1e-5)
+    (tmp_path / f"m{suffix}").unlink()
+    with pytest.raises(UserError, match="weights file is missing"):
+        load(tmp_path / "m.so")
+
+
+@pytest.mark.parametrize(
+    "weights, message",
+    [("w.bin", "must end in .npz or .safetensors"), ("sub/w.npz", "must be in the library's")],
+)
+def test_weights_file_bad_names_are_refused(example, tmp_path, weights, message):
+    (tmp_path / "sub").mkdir()
+    with pytest.raises(UserError, match=message):
+        gconv_compile.compile(
+            example[0], "llvm", output=tmp_path / "m.so", weights_file=tmp_path / weights
+        )
+
+
+@pytest.mark.skipif(find_nvcc() is None, reason="no nvcc to compile the CUDA C at build time")
+def test_cuda_build_carries_a_fatbin_for_its_arch(example, tmp_path):
+    gconv_compile.compile(example[0], "cuda", arch="sm_90", output=tmp_path / "c.so")
+    side = json.loads(sidecar_path(tmp_path / "c.so").read_text())
+    assert side["cuda_binary"] == {"file": "c.so.fatbin.npz", "arch": "sm_90",
+                                   "format": "fatbin", "compiler": "nvcc"}  # fmt: skip
+    binaries = np.load(tmp_path / "c.so.fatbin.npz")
+    assert len(binaries.files) == 1 and binaries[binaries.files[0]].size > 1000
+
+
+def test_bundle_runs_under_a_bare_python(example, tmp_path):
+    """`gconv-compile bundle`, then the bundle alone under Python 3.12 with numpy only."""
+    if not BARE_PYTHON.is_file() or not list(WHEELS.glob("apache_tvm_ffi-*-cp312-*.whl")):
+        pytest.skip(
+            "no build/py312-bare or tvm-ffi cp312 wheel: `make gpu-kit-rehearse` makes them"
+        )
+    path, x, expected = example
+    gconv_compile.compile(path, "llvm", output=tmp_path / "m.so", weights_file=tmp_path / "m.npz")
+    cli = [sys.executable, "-m", "gconv_compile", "bundle", str(tmp_path / "m.so"), "-o",
+           str(tmp_path / "b"), "--wheels", str(WHEELS)]  # fmt: skip
+    done = subprocess.run(cli, capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stderr
+    assert "MiB for Python 3.12" in done.stdout
+    wheel = next((tmp_path / "b" / "runtime").glob("*.whl"))
+    subprocess.run([str(BARE_PYTHON), "-m", "zipfile", "-e", str(wheel), str(tmp_path / "site")],
+                   check=True)  # fmt: skip
+    np.save(tmp_path / "x.npy", x)
+    script = ("import sys, numpy as np; from gconv_compile.runtime import load; "
+              f"np.save(sys.argv[2], load(sys.argv[1]).run({{'image': np.load('{tmp_path}/x.npy')}})"
+              "['logits']); assert not any(m.startswith('tvm.') or m == 'tvm' for m in sys.modules)")  # fmt: skip
+    env = {"PATH": os.environ["PATH"], "PIP_NO_INDEX": "1", "TVM_FFI_DISABLE_TORCH_C_DLPACK": "1",
+           "PYTHONPATH": f"{tmp_path}/b/python:{tmp_path}/site",
+           "GCONV_TVM_RUNTIME_DIR": f"{tmp_path}/b/runtime"}  # fmt: skip
+    run = subprocess.run([str(BARE_PYTHON), "-c", script, f"{tmp_path}/b/m.so", f"{tmp_path}/y.npy"],
+                         capture_output=True, text=True, env=env, cwd=tmp_path)  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    np.testing.assert_allclose(np.load(tmp_path / "y.npy"), expected, rtol=1e-4, atol=1e-5)
