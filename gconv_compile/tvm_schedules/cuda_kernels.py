@@ -68,12 +68,13 @@ def cuda_target(arch: str = "sm_90") -> Target:
     return Target({"kind": "cuda", "arch": arch}, host={"kind": "llvm"})
 
 
-def conv_kernels(model, arch: str = "sm_90") -> list[Kernel]:
+def conv_kernels(model, arch: str = "sm_90", before: tuple = ()) -> list[Kernel]:
     """The kernels of every conv function our CUDA schedules took, in the module's order.
 
     Args:
         model: An ``onnx.ModelProto`` with static shapes.
         arch: The CUDA architecture (``sm_90``).
+        before: Relax passes to run before ``legalize_and_fuse`` (to review a pipeline change).
     """
     from tvm.relax.frontend.onnx import from_onnx
 
@@ -82,7 +83,7 @@ def conv_kernels(model, arch: str = "sm_90") -> list[Kernel]:
     target = cuda_target(arch)
     mod = from_onnx(model, keep_params_in_input=False)
     with target:
-        mod = tvm.transform.Sequential(legalize_and_fuse(target))(mod)
+        mod = tvm.transform.Sequential([*before, *legalize_and_fuse(target)])(mod)
     mod, decisions = schedule_module(mod, target)
     calls = _call_arguments(mod)
     kernels = []

@@ -58,14 +58,17 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def _shared_loads(conv: ConvInfo, tile: CudaTile) -> tuple[float, float]:
-    """(shared loads, FMAs) of one thread per input channel and kernel row."""
+def _shared_loads(conv: ConvInfo, tile: CudaTile) -> tuple[int, int, int]:
+    """(shared loads, their bytes, FMAs) of one thread per input channel and kernel row."""
     kw = conv.kernel[1]
     sw, dw = conv.stride[1], conv.dilation[1]
+    element = 2 if conv.dtype == "float16" else 4
     inputs = len({i * sw + k * dw for i in range(tile.x_t) for k in range(kw)})
-    vector = 4 if conv.dtype == "float32" else 8  # 16-byte loads of adjacent channels
-    weights = kw * math.ceil(tile.f_t / vector) if tile.f_t > 1 else kw
-    return inputs + weights, kw * tile.f_t * tile.x_t
+    # a thread's channels are adjacent in the weight tile: 16-byte loads where they fill one
+    vector = 16 // element
+    weights = kw * math.ceil(tile.f_t / vector)
+    weight_bytes = kw * tile.f_t * element
+    return inputs + weights, inputs * element + weight_bytes, kw * tile.f_t * tile.x_t
 
 
 def _shared_bytes(conv: ConvInfo, tile: CudaTile) -> tuple[int, int, int]:
@@ -87,7 +90,7 @@ def fmas_per_thread(conv: ConvInfo, tile: CudaTile) -> int:
 
 def score(conv: ConvInfo, tile: CudaTile) -> tuple[int, float]:
     """(gates broken, estimated busiest-SM cycles) of a tile; lower is better."""
-    loads, fmas = _shared_loads(conv, tile)
+    loads, load_bytes, fmas = _shared_loads(conv, tile)
     blocks = conv.out_channels // tile.f_tile * (conv.out_h // tile.rows)
     blocks *= conv.out_w // tile.cols
     broken = (tile.threads % 32 != 0) + (tile.threads < 64) + (blocks < SMS)
@@ -100,9 +103,9 @@ def score(conv: ConvInfo, tile: CudaTile) -> tuple[int, float]:
     instructions = per_thread_fma * (1 + loads / fmas + 0.15) + copy + summing
     warps = math.ceil(tile.threads / 32) * math.ceil(blocks / SMS)
     issue = warps * instructions / 4
-    shared = warps * 32 * per_thread_fma * (loads / fmas) * 4 / 128
+    shared = warps * 32 * per_thread_fma * (load_bytes / fmas) / 128
     barriers = stages + (tile.k_split > 1)
-    return broken, max(issue, shared) + 2000 * barriers * math.ceil(blocks / SMS)
+    return broken, max(issue, shared) + 300 * barriers * math.ceil(blocks / SMS)
 
 
 def _candidates(conv: ConvInfo):

@@ -6,6 +6,12 @@ with ``max(trials, ...)`` measurements in all, calling ``progress(done, total, e
 batch. ``apply_database`` swaps the tuned PrimFuncs into a module; ``schedule_module`` then leaves
 them alone (they carry ``tirx.is_scheduled``).
 
+A record never replaces a default schedule that measured faster: after tuning, ``tune`` builds
+every task that has records twice, with our default schedule and with the best record, times both
+on this machine (alternately, min of several repeats) and writes the verdict to
+``db_dir/default_vs_tuned.json``; ``apply_database`` applies only the records that won (llvm
+targets; on other targets every record is applied, as MetaSchedule does).
+
 The cost model is XGBoost when ``xgboost`` is installed (``pip install gconv-compile[tune]``) and
 MetaSchedule's random model otherwise (it still measures every candidate, it only picks them less
 well).
@@ -14,6 +20,7 @@ well).
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import os
@@ -23,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import tvm
+from tvm import tirx
 from tvm.target import Target
 
 logger = logging.getLogger(__name__)
@@ -30,6 +38,7 @@ logger = logging.getLogger(__name__)
 Progress = Callable[[int, int, "float | None"], None]
 
 _DB_FILES = ("database_workload.json", "database_tuning_record.json")
+VERDICTS = "default_vs_tuned.json"  # task key -> default and tuned time, which one to keep
 
 
 @dataclass
@@ -119,6 +128,7 @@ def tune(
     if not todo or trials <= 0:
         if progress:
             progress(0, 0, 0.0)
+        judge_records(extracted, database, target, db_dir)
         summary.seconds = time.perf_counter() - started
         logger.info("%s", summary.line())
         return summary
@@ -132,6 +142,7 @@ def tune(
         progress(total, total, 0.0)  # MetaSchedule stops early when a space is exhausted
     summary.tuned = [t.task_name for t in todo]
     summary.trials = measured
+    judge_records(extracted, database, target, db_dir)
     summary.seconds = time.perf_counter() - started
     logger.info("%s", summary.line())
     return summary
@@ -199,7 +210,8 @@ def _tune_tasks(
 def apply_database(
     mod: tvm.IRModule, target: Target | dict | str, db_dir: str | os.PathLike
 ) -> tuple[tvm.IRModule, int]:
-    """Swap in the best tuned schedule of every PrimFunc ``db_dir`` has records for.
+    """Swap in the best tuned schedule of every PrimFunc ``db_dir`` has records for, except
+    where our default schedule measured faster (see ``judge_records``).
 
     Returns:
         The module and how many PrimFuncs came from the database (0 if ``db_dir`` has no records).
@@ -219,7 +231,138 @@ def apply_database(
         )
 
     target = Target(target) if not isinstance(target, Target) else target
+    keep = kept_defaults(mod, target, db_dir)
+    originals = {gv: f for gv, f in mod.functions_items() if str(gv.name_hint) in keep}
     before = scheduled(mod)
     with target:
         mod = relax.transform.MetaScheduleApplyDatabase(str(db_dir))(mod)
+    if originals:
+        mod = tvm.IRModule(dict(mod.functions_items()), attrs=mod.attrs)
+        for gv, func in originals.items():
+            mod[gv] = func  # left for schedule_module's default schedule
     return mod, scheduled(mod) - before
+
+
+# ------------------------------------------------------------------- default vs tuned
+
+
+def task_key(func: tirx.PrimFunc) -> str:
+    """The structural hash MetaSchedule's task of ``func`` has (its module, 'main' named)."""
+    import tvm_ffi
+
+    return str(tvm_ffi.structural_hash(tvm.IRModule({"main": func.with_attr("global_symbol", "main")})))  # fmt: skip
+
+
+def read_verdicts(db_dir: str | os.PathLike) -> dict[str, dict]:
+    """``db_dir``'s verdicts: task key -> {task, default_us, tuned_us, keep}."""
+    path = Path(db_dir) / VERDICTS
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        logger.warning("%s unreadable: every tuning record is applied", path)
+        return {}
+
+
+def kept_defaults(mod: tvm.IRModule, target: Target, db_dir: str | os.PathLike) -> dict[str, dict]:
+    """PrimFunc name -> verdict, for the functions of ``mod`` whose default schedule won."""
+    if target.kind.name != "llvm":
+        return {}
+    verdicts = read_verdicts(db_dir)
+    keep = {k: v for k, v in verdicts.items() if v.get("keep") == "default"}
+    if not keep:
+        return {}
+    out = {}
+    for gv, func in mod.functions_items():
+        if isinstance(func, tirx.PrimFunc) and not _scheduled(func):
+            verdict = keep.get(task_key(func))
+            if verdict is not None:
+                out[str(gv.name_hint)] = verdict
+    return out
+
+
+def _scheduled(func: tirx.PrimFunc) -> bool:
+    return bool(func.attrs is not None and func.attrs.get("tirx.is_scheduled", False))
+
+
+def judge_records(extracted: list, database, target: Target, db_dir: str | os.PathLike) -> dict:
+    """Time the default schedule and the best record of every task with records not yet judged;
+    write the verdicts to ``db_dir/default_vs_tuned.json`` (llvm only) and return them all."""
+    if target.kind.name != "llvm":
+        return {}
+    verdicts = read_verdicts(db_dir)
+    new = 0
+    for task in extracted:
+        task_mod = task.dispatched[0]
+        key = task_key(task_mod["main"])
+        if key in verdicts:
+            continue
+        with target:
+            tuned = database.query_ir_module(task_mod, target, "main")
+        if tuned is None:  # every candidate failed: nothing to apply
+            continue
+        try:
+            verdict = time_default_and_tuned(task_mod, tuned, target)
+        except Exception as err:  # noqa: BLE001 - a build TVM refuses: keep MetaSchedule's rule
+            logger.warning("%s: default vs tuned not measured (%s)", task.task_name, err)
+            continue
+        verdicts[key] = {"task": task.task_name, **verdict}
+        logger.info("%s: default %.1f us, tuned %.1f us: keep %s", task.task_name,
+                    verdict["default_us"], verdict["tuned_us"], verdict["keep"])  # fmt: skip
+        new += 1
+    if new:
+        from gconv_compile.files import write_text_atomic
+
+        write_text_atomic(Path(db_dir) / VERDICTS, json.dumps(verdicts, indent=1) + "\n")
+    return verdicts
+
+
+def time_default_and_tuned(
+    task_mod: tvm.IRModule, tuned: tvm.IRModule, target: Target, *, rounds: int = 3
+) -> dict:
+    """Build ``task_mod`` with our default schedule and ``tuned`` as it is; time both in turn.
+
+    Returns:
+        {"default_us", "tuned_us", "keep"}: the min of each side's repeats, and 'tuned' only when
+        it was faster.
+    """
+    default = _default_module(task_mod, target)
+    timers = {"default": _timer(default, target), "tuned": _timer(tuned, target)}
+    best = {name: math.inf for name in timers}
+    for _ in range(rounds):
+        for name, run in timers.items():
+            best[name] = min(best[name], run())
+    keep = "tuned" if best["tuned"] < best["default"] else "default"
+    return {"default_us": round(best["default"], 2), "tuned_us": round(best["tuned"], 2),
+            "keep": keep}  # fmt: skip
+
+
+def _default_module(task_mod: tvm.IRModule, target: Target) -> tvm.IRModule:
+    """The task's function with the schedule the build gives it (weights as constants)."""
+    from .cpu import schedule_conv, schedule_fallback
+
+    func = task_mod["main"]
+    weights = frozenset(str(p.name) for p in func.params)
+    with target:
+        new, _, _, _ = schedule_conv(func, target, constant_params=weights)
+        if new is None:
+            new, _ = schedule_fallback(func, target)
+    return tvm.IRModule({"main": new if new is not None else func})
+
+
+def _timer(mod: tvm.IRModule, target: Target) -> Callable[[], float]:
+    """Microseconds of one run of ``mod``'s main on seeded random arguments (min of 5)."""
+    import numpy as np
+
+    lib = tvm.compile(mod, target=target)
+    func, device = mod["main"], tvm.cpu()
+    rng = np.random.default_rng(0)
+    args = []
+    for param in func.params:
+        buffer = func.buffer_map[param]
+        shape = [int(d) for d in buffer.shape]
+        data = rng.standard_normal(shape).astype(str(buffer.dtype))
+        args.append(tvm.runtime.tensor(data, device))
+    evaluator = lib.time_evaluator("main", device, number=1, repeat=5, min_repeat_ms=20)
+    return lambda: float(evaluator(*args).min) * 1e6
