@@ -1,9 +1,10 @@
 """The GPU kit's models: single convs, a branchy ResNeXt block, float16 copies, ResNeXt-50.
 
-Used twice: by ``scripts/make_gpu_kit.py`` (which compiles them) and on the GPU machine by
-``gpu_run.py`` (which regenerates ResNeXt-50 from its seed there, so the kit does not carry its
-100 MB of weights). Needs only numpy, onnx and ``resnext_model.py`` (copied into the kit from
-``benchmarks/``).
+Used twice: by ``scripts/make_gpu_kit.py`` (which compiles them, weights outside the code)
+and on the GPU machine by ``gpu_run.py`` (which regenerates the single convs and ResNeXt-50 from
+their seed there and writes their weights files, so the kit does not carry ResNeXt-50's
+100 MB). Needs only numpy, onnx, ``resnext_model.py`` and ``mobilenet_model.py`` (copied into
+the kit from ``benchmarks/``).
 """
 
 from __future__ import annotations
@@ -14,16 +15,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import onnx
+from mobilenet_model import depthwise_convs
 from onnx import TensorProto, helper, numpy_helper
 from resnext_model import IR_VERSION, OPSET, ConvShape, _Builder, build_resnext50, stage_convs
 
 SEED = 0
-
-# MobileNetV2 at 224x224: the distinct depthwise 3x3 convs as (channels, input size, stride).
-MOBILENET_V2_DEPTHWISE = (
-    (32, 112, 1), (96, 112, 2), (144, 56, 1), (144, 56, 2), (192, 28, 1),
-    (192, 28, 2), (384, 14, 1), (576, 14, 1), (576, 14, 2), (960, 7, 1),
-)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -65,10 +61,8 @@ def resnext_convs() -> list[ConvShape]:
 
 
 def mobilenet_convs() -> list[ConvShape]:
-    return [
-        ConvShape(f"mbv2_dw{c}_{size}_s{stride}", c, c, size, 3, stride, c)
-        for c, size, stride in MOBILENET_V2_DEPTHWISE
-    ]
+    """The distinct depthwise 3x3 convs of MobileNetV2 at 224x224 (10)."""
+    return depthwise_convs(224)
 
 
 def branchy_block(seed: int = SEED) -> onnx.ModelProto:
@@ -124,25 +118,6 @@ def c_identifier_inputs(model: onnx.ModelProto) -> onnx.ModelProto:
         for index, name in enumerate(node.input):
             node.input[index] = renames.get(name, name)
     return out
-
-
-def weights_as_inputs(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str]]:
-    """The same model with every float initializer turned into a graph input (after the data
-    inputs), so a library built from it holds code only; returns it and the weight names."""
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    graph = out.graph
-    moved = [
-        t for t in graph.initializer if t.data_type in (TensorProto.FLOAT, TensorProto.FLOAT16)
-    ]
-    kept = [t for t in graph.initializer if t not in moved]
-    del graph.initializer[:]
-    graph.initializer.extend(kept)
-    for tensor in moved:
-        graph.input.append(
-            helper.make_tensor_value_info(tensor.name, tensor.data_type, tensor.dims)
-        )
-    return out, [t.name for t in moved]
 
 
 def initializers(model: onnx.ModelProto) -> dict[str, np.ndarray]:

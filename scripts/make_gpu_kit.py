@@ -20,7 +20,6 @@ All libraries are built in this one process: TVM's CUDA build imports dlight onc
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import json
 import os
 import shutil
@@ -29,7 +28,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import onnx
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -41,15 +39,15 @@ import model as example01  # noqa: E402
 from grouped_models import zoo_model  # noqa: E402
 
 import gconv_compile  # noqa: E402
-from gconv_compile.errors import GconvError, UserError  # noqa: E402
-from gconv_compile.runtime import cuda_source_sha256, nvcc_compile, runtime_dir  # noqa: E402
+from gconv_compile.errors import GconvError  # noqa: E402
+from gconv_compile.runtime import runtime_dir  # noqa: E402
 
 MAX_BYTES = 56 * 1024 * 1024
 ARCH = "sm_90"
 FFI_WHEEL = "apache_tvm_ffi-0.1.14.post1-cp312-cp312-*.whl"
 RUNTIME_LIBS = ("libtvm_runtime.so", "libtvm_runtime_cuda.so")
 KIT_SOURCES = ("gpu_kit/gpu_run.py", "gpu_kit/kit_models.py", "gpu_kit/torch_reference.py",
-               "benchmarks/resnext_model.py")  # fmt: skip
+               "benchmarks/resnext_model.py", "benchmarks/mobilenet_model.py")  # fmt: skip
 RUNTIME_PACKAGE = ("errors.py", "runtime.py", "compare.py")
 PACKAGE_INIT = '"""The runtime subset of gconv-compile: load and run compiled libraries."""\n'
 
@@ -100,86 +98,34 @@ def entries() -> list[Entry]:
     return out
 
 
-def build_libraries(entry: Entry, libs: Path, models: Path, binaries: CudaBinaries | None) -> dict:
-    """Compile ``entry`` for llvm (and sm_90), write its ONNX model; returns its manifest row."""
+def build_libraries(entry: Entry, libs: Path, models: Path, cuda: bool) -> dict:
+    """Compile ``entry`` for llvm (and sm_90), write its ONNX model; returns its manifest row.
+
+    ``compile`` itself compiles the CUDA C with nvcc into a fatbin beside the library (or
+    notes why not) and, for a generated model, writes the weights file, which the kit drops:
+    the machine writes it again from the seed.
+    """
     row = {"name": entry.name, "dtype": entry.dtype, "kind": entry.kind, "conv": entry.conv,
            "libraries": {}, "reduction": kit_models.reduction_depth(entry.model)}  # fmt: skip
-    model, extra = entry.model, {}
+    weights = libs / f"{entry.stem}.weights.npz" if entry.generate else None
     if entry.generate:
         row["generate"] = entry.generate
-        model, names = kit_models.weights_as_inputs(entry.model)
-        extra["weights"] = {"file": f"{entry.stem}.weights.npz", "names": names,
-                            "written_by": "gpu_run.py, from kit_models.generate"}  # fmt: skip
     else:
         onnx.save(entry.model, models / f"{entry.stem}.onnx")
         row["onnx"] = f"models/{entry.stem}.onnx"
-    for target in ["llvm", "cuda"] if binaries is not None else ["llvm"]:
+    for target in ["llvm", "cuda"] if cuda else ["llvm"]:
         library = libs / f"{entry.stem}.{target}.so"
         compiled = gconv_compile.compile(
-            model, target, output=library, arch=ARCH if target == "cuda" else None,
-            check=entry.dtype == "float32" and not entry.generate, shapes=entry.shapes,
+            entry.model, target, output=library, arch=ARCH if target == "cuda" else None,
+            check=entry.dtype == "float32", shapes=entry.shapes, weights_file=weights,
         )  # fmt: skip
-        _amend_sidecar(library, extra)
-        if target == "cuda":
-            sources = [m.inspect_source() for m in _modules(compiled.executable.mod)
-                       if m.kind == "cuda"]  # fmt: skip
-            binaries.add(library, row, sources)
+        if target == "cuda" and not compiled.info.cuda_binary:
+            row["cuda_build_error"] = compiled.info.cuda_note
+            print(f"make_gpu_kit: {library.name}: {compiled.info.cuda_note}", file=sys.stderr)
         row["libraries"][target] = f"libs/{library.name}"
+    if weights is not None:
+        weights.unlink()
     return row
-
-
-class CudaBinaries:
-    """nvcc runs in worker threads while TVM builds the next model; one .npz per library.
-
-    A library nvcc rejects stays in the kit without binaries, and its manifest row says why:
-    the GPU run reports it as failed instead of compiling it again.
-    """
-
-    def __init__(self, executor: concurrent.futures.Executor) -> None:
-        self.executor = executor
-        self.jobs: list[tuple[Path, dict, list]] = []
-
-    def add(self, library: Path, row: dict, sources: list[str]) -> None:
-        jobs = [
-            (cuda_source_sha256(s), self.executor.submit(nvcc_compile, s, ARCH)) for s in sources
-        ]
-        self.jobs.append((library, row, jobs))
-
-    def write(self) -> int:
-        """Write every library's binaries; returns how many libraries nvcc rejected."""
-        rejected = 0
-        for library, row, jobs in self.jobs:
-            side = Path(str(library) + ".json")
-            data = json.loads(side.read_text())
-            try:
-                arrays = {key: np.frombuffer(job.result(), dtype=np.uint8) for key, job in jobs}
-            except UserError as error:
-                rejected += 1
-                row["cuda_build_error"] = str(error)
-                print(f"make_gpu_kit: {library.name}: {error}", file=sys.stderr)
-                continue
-            np.savez_compressed(Path(str(library) + ".fatbin.npz"), **arrays)
-            data["cuda_binary"] = {"file": library.name + ".fatbin.npz", "arch": ARCH,
-                                   "format": "fatbin", "compiler": "nvcc"}  # fmt: skip
-            side.write_text(json.dumps(data, indent=2) + "\n")
-        return rejected
-
-
-def _modules(module):
-    yield module
-    for child in module.imports:
-        yield from _modules(child)
-
-
-def _amend_sidecar(library: Path, extra: dict) -> None:
-    """Add the weights file and prebuilt CUDA binaries to the sidecar (its sha256 is the .so's,
-    so the library still matches). Weight inputs leave the input list: load() feeds them."""
-    side = Path(str(library) + ".json")
-    data = json.loads(side.read_text())
-    weights = set(extra.get("weights", {}).get("names", []))
-    data["inputs"] = [t for t in data["inputs"] if t["name"] not in weights]
-    data.update(extra)
-    side.write_text(json.dumps(data, indent=2) + "\n")
 
 
 def copy_runtime(out: Path, wheels: Path) -> None:
@@ -233,16 +179,14 @@ def main(argv: list[str] | None = None) -> int:
     copy_runtime(args.out, args.wheels)
     copy_sources(args.out)
     rows = []
-    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as executor:
-        binaries = None if args.no_cuda else CudaBinaries(executor)
-        for entry in [e for e in entries() if not args.only or e.name in args.only]:
-            print(f"build {entry.stem}", flush=True)
-            try:
-                rows.append(build_libraries(entry, libs, models, binaries))
-            except GconvError as error:
-                print(f"make_gpu_kit: {entry.stem}: {error}", file=sys.stderr)
-                return 2
-        rejected = binaries.write() if binaries is not None else 0
+    for entry in [e for e in entries() if not args.only or e.name in args.only]:
+        print(f"build {entry.stem}", flush=True)
+        try:
+            rows.append(build_libraries(entry, libs, models, not args.no_cuda))
+        except GconvError as error:
+            print(f"make_gpu_kit: {entry.stem}: {error}", file=sys.stderr)
+            return 2
+    rejected = sum(1 for row in rows if row.get("cuda_build_error"))
     manifest = {"format": "gconv-gpu-kit/1", "arch": ARCH, "built": time.strftime("%Y-%m-%d"),
                 "models": rows}  # fmt: skip
     (args.out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")

@@ -58,14 +58,6 @@ def test_float16_copies_hold_the_same_values():
         np.testing.assert_array_equal(value, original.astype(np.float16).astype(np.float32))
 
 
-def test_weights_as_inputs_keeps_only_code():
-    model = kit_models.single_conv(kit_models.resnext_convs()[0])
-    code, names = kit_models.weights_as_inputs(model)
-    assert not code.graph.initializer
-    assert [v.name for v in code.graph.input] == ["input", *names]
-    assert sorted(names) == sorted(kit_models.initializers(model))
-
-
 def test_generated_models_are_the_same_for_a_seed():
     spec = kit_models.generator_spec(kit_models.resnext_convs()[0])
     first, second = kit_models.generate(spec, "float32"), kit_models.generate(spec, "float32")
