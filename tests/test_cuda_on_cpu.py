@@ -232,3 +232,45 @@ def test_off_by_one_tiles_fail(case):
     bound = f"{load.group(1)} < {int(load.group(2)) - 1};"
     source = kernel.source.replace(f"{load.group(1)} < {load.group(2)};", bound, 1)
     assert _mismatch(kernel, x, ref, source=source)
+
+
+# ------------------------------------------------------------------------- the build's own code
+
+
+def _definitions(source: str) -> dict[str, str]:
+    """Kernel name -> its definition, from CUDA C with several kernels."""
+    found = {}
+    for chunk in source.split('extern "C" __global__')[1:]:
+        head, brace, body = chunk.partition("{")
+        if brace:  # a definition, not the declaration before it
+            name = re.findall(r"(\w+)\s*\(", head)[-1]
+            found[name] = head + brace + body.split('extern "C"')[0]
+    return found
+
+
+def test_kernels_are_what_compile_emits(tmp_path, monkeypatch):
+    """The kernels run here are the ones ``gconv-compile compile --emit-source`` writes."""
+    import shutil
+
+    from gconv_compile import compile as gconv_compile
+
+    if shutil.which("nvcc") is None:
+        pytest.skip("the CUDA build needs nvcc")
+    monkeypatch.setenv("TVM_CUDA_COMPILE_MODE", "nvcc")
+    r = rng(3)
+    nodes = [
+        helper.make_node("Conv", ["X", "W1"], ["C1"], group=8, kernel_shape=[3, 3], pads=[1] * 4),
+        helper.make_node("Relu", ["C1"], ["R1"]),
+        helper.make_node("Conv", ["R1", "W2"], ["Y"], group=32, kernel_shape=[3, 3], pads=[1] * 4),
+    ]
+    inits = [init("W1", r.standard_normal((32, 4, 3, 3)).astype(np.float32)),
+             init("W2", r.standard_normal((32, 1, 3, 3)).astype(np.float32))]  # fmt: skip
+    outputs = [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [None] * 4)]
+    model = make_model(nodes, [tensor_info("X", [1, 32, 10, 10])], outputs, inits)
+    ours = conv_kernels(model)
+    assert sorted(k.schedule for k in ours) == ["cuda-depthwise-spatial", "cuda-grouped-igemm"]
+    gconv_compile(model, "cuda", arch="sm_90", check=False, emit_source=tmp_path / "src")
+    (emitted,) = (tmp_path / "src").glob("*.cu")
+    built = _definitions(emitted.read_text())
+    for kernel in ours:
+        assert _definitions(kernel.source)[kernel.name] == built[kernel.name], kernel.name
