@@ -209,9 +209,9 @@ def compare_arrays(
         )
     diff, magnitude = _differences(ref, cand)
     allowed = tol_a + tol_r * magnitude
-    with np.errstate(divide="ignore", invalid="ignore"):
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         ratio = np.where(diff == 0, 0.0, diff / allowed)
-    rel = diff / np.maximum(magnitude, np.finfo(np.float64).tiny)
+        rel = diff / np.maximum(magnitude, np.finfo(np.float64).tiny)
     worst = np.unravel_index(int(np.argmax(ratio)), ref.shape)
     margin = float(ratio.max())
     return OutputStats(
