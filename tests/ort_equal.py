@@ -32,7 +32,9 @@ def assert_ort_equal(
     """onnxruntime (CPU EP, optimisations off) gives ``after`` the same outputs as ``before``.
 
     ``before`` is the model serialised before the pass ran; inputs are seeded normal noise
-    (or ``feeds``); tolerances default to the product's per-type ones. Also asserts the
+    (or ``feeds``); tolerances default to the product's calibrated rule (float32:
+    ``max(1e-5, 2**-12 * rms) + 1e-4 * |b|``, quantized integers one step, see
+    :mod:`gconv_compile.compare`), and an explicit ``atol``/``rtol`` overrides its part. Also asserts the
     reference outputs vary, so the comparison cannot pass on outputs that a wrong rewrite would
     reproduce by accident (all zeros, constants).
     """
