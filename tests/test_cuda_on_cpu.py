@@ -46,7 +46,7 @@ TOL = {"float32": dict(rtol=1e-4, atol=1e-4), "float16": dict(rtol=2e-2, atol=2e
 
 
 def conv_case(c_in, c_out, size, *, group, kernel=3, stride=1, dilation=1, pads=None,
-              epilogue="relu", bias=True, dtype="float32", seed=0):  # fmt: skip
+              epilogue="relu", bias=True, dtype="float32", seed=0, batch=1):  # fmt: skip
     """A one-conv model in ``dtype``, its float32 twin for onnxruntime, and the input."""
     r = rng(seed)
     k = (kernel, kernel) if isinstance(kernel, int) else kernel
@@ -54,7 +54,7 @@ def conv_case(c_in, c_out, size, *, group, kernel=3, stride=1, dilation=1, pads=
     fan_in = c_in // group * k[0] * k[1]
     weight = (r.standard_normal((c_out, c_in // group, *k)) / np.sqrt(fan_in)).astype(dtype)
     values = {"W": weight, "B": r.standard_normal(c_out).astype(dtype)}
-    x = r.standard_normal((1, c_in, *size)).astype(dtype)
+    x = r.standard_normal((batch, c_in, *size)).astype(dtype)
 
     def model(elem_dtype: str):
         names = ["X", "W", "B"] if bias else ["X", "W"]
@@ -120,6 +120,7 @@ GROUPED = [
         dict(c_in=32, c_out=32, size=(8, 8), group=8, epilogue="residual"), id="g8-residual"
     ),  # fmt: skip
     pytest.param(dict(c_in=128, c_out=128, size=(7, 7), group=4), id="g4-32ch-7x7"),
+    pytest.param(dict(c_in=16, c_out=16, size=(5, 5), group=4, batch=3), id="g4-batch3"),
     pytest.param(dict(c_in=1024, c_out=64, size=(4, 4), group=2), id="g2-512ch-staged"),
 ]
 DEPTHWISE = [

@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import cuda_static as bench  # noqa: E402
 
 TOOLS = cuda_static.toolkit()
-pytestmark = pytest.mark.skipif(TOOLS is None, reason="no nvcc/cuobjdump (CUDA_PATH)")
+needs_toolkit = pytest.mark.skipif(TOOLS is None, reason="no nvcc/cuobjdump (CUDA_PATH)")
 
 
 def gate_failures(review: cuda_static.Review, kind: str) -> list[str]:
@@ -67,6 +67,7 @@ def reviews():
     return bench.review_layers(DTYPES)
 
 
+@needs_toolkit
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("layer", LAYERS)
 def test_kernel_passes_the_static_gates(reviews, layer, dtype):
@@ -93,6 +94,7 @@ extern "C" __global__ void __launch_bounds__(48) bad_kernel(float* __restrict__ 
 """
 
 
+@needs_toolkit
 def test_the_gates_fail_a_bad_kernel():
     args = [KernelArg("x", "x", "float32", (256,), False, "input:x"),
             KernelArg("y", "y", "float32", (256, 1, 1, 1), True),
@@ -106,3 +108,32 @@ def test_the_gates_fail_a_bad_kernel():
     assert any("blocks for" in f for f in failures)
     assert any("hot loop" in f for f in failures), failures
     assert any("shared loads per FMA" in f for f in failures), failures
+
+
+TILE_SHAPES = [  # (in, out, groups, out_h, out_w, stride, dtype)
+    (128, 128, 32, 56, 56, 1, "float32"), (1024, 1024, 32, 7, 7, 2, "float16"),
+    (960, 960, 960, 7, 7, 1, "float32"), (32, 32, 32, 112, 112, 1, "float16"),
+    (24, 48, 3, 13, 17, 1, "float32"), (64, 64, 2, 31, 1, 2, "float32"),
+    (2048, 64, 2, 3, 3, 1, "float16"), (36, 36, 9, 5, 11, 1, "float32"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("shape", TILE_SHAPES, ids=lambda s: "x".join(map(str, s[:5])) + s[6])
+def test_tiles_divide_the_output_and_fit(shape):
+    """Whatever the shape, the chosen tile covers the output exactly (no thread outside it,
+    no guard) and fits the thread and shared-memory limits."""
+    from gconv_compile.tvm_schedules import cuda_tiles
+    from gconv_compile.tvm_schedules._conv import ConvInfo
+
+    c_in, c_out, groups, out_h, out_w, stride, dtype = shape
+    conv = ConvInfo(None, 1, c_in, c_out, c_in // groups, out_h, out_w, (3, 3), (stride,) * 2,
+                    (1, 1), dtype, True, None, "w", True)  # fmt: skip
+    tile = cuda_tiles.choose_tile(conv)
+    kg = conv.out_per_group
+    assert kg % tile.f_tile == 0 or tile.f_tile % kg == 0 and c_out % tile.f_tile == 0
+    assert tile.f_tile % tile.f_t == 0 and out_h % tile.rows == 0
+    assert out_w % tile.cols == 0 and tile.cols % tile.x_t == 0
+    assert conv.in_per_group % tile.rc_i == 0 and conv.in_per_group % tile.k_split == 0
+    assert tile.threads <= cuda_tiles.MAX_THREADS
+    element = 2 if dtype == "float16" else 4
+    assert sum(cuda_tiles._shared_bytes(conv, tile)) * element <= cuda_tiles.MAX_SHARED_BYTES
