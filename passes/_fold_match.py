@@ -25,7 +25,17 @@ from ._common import (
     node_label,
 )
 from ._driver import Match
+from ._fold_quant import (
+    PER_AXIS_OPSET,
+    Params,
+    check_pairs,
+    check_qlinear,
+    data_input,
+    input_nodes,
+    output_pair,
+)
 from ._geometry import ConvGeometry
+from ._quant import QuantConst, join, qlinear_weight, read_dequantized
 from ._shapes import ShapeFacts
 
 # Unary elementwise ops that act on each element alone, so f(concat(a, b)) == concat(f(a), f(b)).
@@ -37,7 +47,12 @@ ELEMENTWISE_ACTIVATIONS = frozenset(
     }
 )  # fmt: skip
 
-Chain = tuple[ir.Node, "ir.Node | None", "ir.Node | None"]
+# (conv, batch_norm, activation, [output Q, output DQ])
+Chain = tuple[ir.Node, "ir.Node | None", "ir.Node | None", "list[ir.Node]"]
+# Convolutions a branch can hold: QLinearConv folds back what the expand pass made of one.
+BRANCH_CONV_OPS = (*CONV_OPS, "QLinearConv")
+# Where a convolution keeps its bias: Conv/ConvTranspose input 2, QLinearConv input 8.
+_BIAS_INPUT = {"QLinearConv": 8}
 
 
 @dataclasses.dataclass
@@ -55,6 +70,12 @@ class Branch:
     start: int = 0
     stop: int = 0
     splitter: ir.Node | None = None
+    weight_q: QuantConst | None = None
+    """A quantized weight (DequantizeLinear of constants, or QLinearConv's); ``weight`` is
+    then its integers."""
+    bias_q: QuantConst | None = None
+    output_qdq: list[ir.Node] = dataclasses.field(default_factory=list)
+    """The Q, DQ pair after the branch's activation (empty: none)."""
 
 
 @dataclasses.dataclass
@@ -71,6 +92,11 @@ class Block:
     """Channels of ``source``."""
     mixconv: bool
     """The kernels differ and are embedded in one grid."""
+    input_params: list[list[Params]] = dataclasses.field(default_factory=list)
+    """The branches' input [Q] DQ: one column per node, with every branch's scale and zero
+    point (empty: no input quantization)."""
+    output_params: list[list[Params]] = dataclasses.field(default_factory=list)
+    """The same for the Q, DQ after each branch."""
 
 
 @dataclasses.dataclass
@@ -93,7 +119,9 @@ class FoldMatch(Match):
         return len(self.blocks) == 1 and len(self.blocks[0].run) == len(self.anchor.inputs)
 
 
-def match_concat(concat: ir.Node, facts: ShapeFacts, *, mixconv: bool) -> FoldMatch | None:
+def match_concat(
+    concat: ir.Node, facts: ShapeFacts, *, mixconv: bool, opset: int = 21
+) -> FoldMatch | None:
     """The foldable blocks anchored at ``concat``; None if it is not a candidate at all.
 
     Raises:
@@ -111,11 +139,12 @@ def match_concat(concat: ir.Node, facts: ShapeFacts, *, mixconv: bool) -> FoldMa
         for index, chain in enumerate(chains):
             if chain is None:
                 raise Refusal(f"Concat input {index} is not produced by a Conv branch", concat)
-        return FoldMatch(concat, [_match_block(concat, everything, chains, facts, mixconv)])
+        block = _match_block(concat, everything, chains, facts, mixconv, opset)
+        return FoldMatch(concat, [block])
     blocks, refusals = [], []
     for run in runs:
         try:
-            blocks.append(_match_block(concat, run, chains, facts, mixconv))
+            blocks.append(_match_block(concat, run, chains, facts, mixconv, opset))
         except Refusal as refusal:
             refusals.append(refusal)
     if not blocks:
@@ -138,16 +167,22 @@ def _runs(chains: list[Chain | None]) -> list[range]:
 
 def _split_tensor(chain: Chain | None) -> ir.Value | None:
     """The tensor a branch's Conv takes channels of by a Split or Slice, if it does."""
-    if chain is None or not chain[0].inputs or chain[0].inputs[0] is None:
+    value = data_input(chain[0]) if chain is not None else None
+    if value is None:
         return None
-    node = chain[0].inputs[0].producer()
+    node = value.producer()
     if not is_onnx_op(node, "Split", "Slice") or not node.inputs:
         return None
     return node.inputs[0]
 
 
 def _match_block(
-    concat: ir.Node, run: range, chains: list[Chain | None], facts: ShapeFacts, mixconv: bool
+    concat: ir.Node,
+    run: range,
+    chains: list[Chain | None],
+    facts: ShapeFacts,
+    mixconv: bool,
+    opset: int,
 ) -> Block:
     """The block made of Concat inputs ``run``, or Refusal."""
     run_chains = [chains[index] for index in run]
@@ -173,11 +208,48 @@ def _match_block(
     channels = _source_channels(branches, facts)
     embed = _check_conv_attributes(branches, mixconv)
     _check_same_activation(branches)
-    return Block(run, branches, source, window, channels, embed)
+    block = Block(run, branches, source, window, channels, embed)
+    _check_quantization(block, rank, opset)
+    return block
+
+
+def _check_quantization(block: Block, rank: int, opset: int) -> None:
+    """Raise unless the branches' quantization can be one grouped conv's (see _fold_quant)."""
+    branches = block.branches
+    if len({b.weight_q is None for b in branches}) > 1:
+        raise Refusal("some branch weights are quantized and others are not")
+    if len({b.conv.op_type for b in branches}) > 1:
+        raise Refusal(f"branches mix {sorted({b.conv.op_type for b in branches})}")
+    if branches[0].weight_q is not None:
+        _check_joined([b.weight_q for b in branches], "weights", opset)
+    if branches[0].conv.op_type == "QLinearConv":
+        check_qlinear([b.conv for b in branches])
+        return
+    if len({b.bias_q is None for b in branches}) > 1 or (
+        branches[0].bias_q is not None and any(b.bias is None for b in branches)
+    ):
+        raise Refusal("some branch biases are quantized and others are not")
+    if branches[0].bias_q is not None:
+        _check_joined([b.bias_q for b in branches], "biases", opset)
+    block.input_params = check_pairs([input_nodes(b.conv) for b in branches], rank, opset, "inputs")
+    block.output_params = check_pairs([b.output_qdq for b in branches], rank, opset, "outputs")
+
+
+def _check_joined(parts: list[QuantConst], what: str, opset: int) -> None:
+    """Raise if one tensor cannot hold the parts' quantization (see :func:`._quant.join`)."""
+    joined = join(parts, f"branch {what}")
+    if joined.axis is not None and opset < PER_AXIS_OPSET:
+        raise Refusal(
+            f"branches quantize their {what} with different scales, and per-channel "
+            f"quantization needs opset {PER_AXIS_OPSET} (model: {opset})"
+        )
 
 
 def branch_chain(value: ir.Value) -> Chain | None:
-    """(conv, batch_norm, activation) ending in ``value``, or None if no Conv roots it."""
+    """(conv, batch_norm, activation, [Q, DQ]) ending in ``value``, or None if no Conv roots it."""
+    pair = output_pair(value)
+    if pair is not None:
+        value = pair[0].inputs[0]
     node = value.producer()
     activation = batch_norm = None
     if (
@@ -190,33 +262,59 @@ def branch_chain(value: ir.Value) -> Chain | None:
     if is_onnx_op(node, "BatchNormalization"):
         batch_norm = node
         node = node.inputs[0].producer() if node.inputs[0] is not None else None
-    if not is_onnx_op(node, *CONV_OPS):
+    if not is_onnx_op(node, *BRANCH_CONV_OPS):
         return None
-    return node, batch_norm, activation
+    if node.op_type == "QLinearConv" and (batch_norm or activation or pair):
+        return None  # a QLinearConv's output is integers: nothing float follows it here
+    return node, batch_norm, activation, list(pair or [])
+
+
+def _read_weights(
+    conv: ir.Node,
+) -> tuple[np.ndarray, np.ndarray | None, QuantConst | None, QuantConst | None]:
+    """(weight, bias, weight_q, bias_q); a quantized weight or bias is read as its integers."""
+    if conv.op_type == "QLinearConv":
+        if len(conv.inputs) < 8 or any(conv.inputs[i] is None for i in (0, 3, 4, 5, 6, 7)):
+            raise Refusal(f"{NODE} lacks a QLinearConv input", conv)
+        weight_q, bias_q = qlinear_weight(conv), None
+    else:
+        if len(conv.inputs) < 2 or conv.inputs[1] is None:
+            raise Refusal(f"{NODE} has no weight input", conv)
+        weight_q = read_dequantized(conv.inputs[1], "weight", conv)
+        bias_q = None
+        if len(conv.inputs) > 2 and conv.inputs[2] is not None:
+            bias_q = read_dequantized(conv.inputs[2], "bias", conv)
+    weight = weight_q.values if weight_q is not None else const_array(conv.inputs[1])
+    if weight is None:
+        raise Refusal(f"weight of {NODE} is not a constant", conv)
+    index = _BIAS_INPUT.get(conv.op_type, 2)
+    bias = None
+    if len(conv.inputs) > index and conv.inputs[index] is not None:
+        bias = bias_q.values if bias_q is not None else const_array(conv.inputs[index])
+        if bias is None:
+            raise Refusal(f"bias of {NODE} is not a constant", conv)
+    return weight, bias, weight_q, bias_q
 
 
 def _branch(chain: Chain) -> Branch:
-    conv, batch_norm, activation = chain
-    if len(conv.inputs) < 2 or conv.inputs[1] is None:
-        raise Refusal(f"{NODE} has no weight input", conv)
-    weight = const_array(conv.inputs[1])
-    if weight is None:
-        raise Refusal(f"weight of {NODE} is not a constant", conv)
-    bias = None
-    if len(conv.inputs) > 2 and conv.inputs[2] is not None:
-        bias = const_array(conv.inputs[2])
-        if bias is None:
-            raise Refusal(f"bias of {NODE} is not a constant", conv)
+    conv, batch_norm, activation, output_qdq = chain
+    weight, bias, weight_q, bias_q = _read_weights(conv)
     if weight.ndim < 3:
         raise Refusal(f"{NODE} has a weight of rank {weight.ndim}", conv)
     attrs = conv_attrs(conv, weight.shape)
     if batch_norm is not None:
+        if weight_q is not None:
+            raise Refusal(
+                f"{NODE} follows a quantized Conv; its scale cannot fold into integer weights",
+                batch_norm,
+            )
         if attr_int(batch_norm, "training_mode", 0) != 0:
             raise Refusal(f"{NODE} is in training mode", batch_norm)
         if any(const_array(v) is None for v in batch_norm.inputs[1:5]):
             raise Refusal(f"{NODE}: BatchNormalization parameters are not constant", batch_norm)
     geometry = ConvGeometry.from_weight(conv.op_type, weight.shape, attrs.group)
-    return Branch(conv, batch_norm, activation, weight, bias, attrs, geometry)
+    return Branch(conv, batch_norm, activation, weight, bias, attrs, geometry,
+                  weight_q=weight_q, bias_q=bias_q, output_qdq=output_qdq)  # fmt: skip
 
 
 def _check_single_use(value: ir.Value, concat: ir.Node, label: str) -> None:
@@ -232,7 +330,7 @@ def _check_single_use(value: ir.Value, concat: ir.Node, label: str) -> None:
             detail = f"also used by {others}" if others else "used more than once by the Concat"
             raise Refusal(f"{label}: '{current.name}' is {detail}", current.producer())
         producer = current.producer()
-        if producer is None or is_onnx_op(producer, *CONV_OPS):
+        if producer is None or is_onnx_op(producer, *BRANCH_CONV_OPS):
             return
         for extra in producer.outputs[1:]:
             if extra.uses() or extra.is_graph_output():
@@ -243,7 +341,7 @@ def _check_single_use(value: ir.Value, concat: ir.Node, label: str) -> None:
 
 def _locate_channels(branch: Branch, index: int, rank: int, facts: ShapeFacts) -> None:
     """Set branch.source/start/stop from the Split or Slice feeding the Conv."""
-    conv_input = branch.conv.inputs[0]
+    conv_input = data_input(branch.conv)
     node = conv_input.producer() if conv_input is not None else None
     if is_onnx_op(node, "Split"):
         _from_split(branch, node, conv_input, rank, facts)
@@ -430,7 +528,7 @@ def _check_conv_attributes(branches: list[Branch], mixconv: bool) -> bool:
             f"{[(b.attrs.auto_pad, list(b.attrs.pads)) for b in branches]}"
         )
     if first.attrs.op_type != "Conv":
-        raise Refusal("ConvTranspose kernels differ between branches")
+        raise Refusal(f"{first.attrs.op_type} kernels differ between branches")
     if not mixconv:
         raise Refusal("Conv kernels differ between branches (MixConv folding is off)")
     for branch in branches:

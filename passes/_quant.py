@@ -135,9 +135,12 @@ def read_dequantized(value: ir.Value | None, what: str, node: ir.Node) -> QuantC
     values, scale = arrays[0], arrays[1]
     zero_point = arrays[2] if len(arrays) > 2 else None
     axis = None
-    if scale.size > 1 or scale.ndim == 1 and values.ndim == 1:
+    if scale.size > 1:
         axis = attr_int(producer, "axis", 1)
         axis = axis + values.ndim if axis < 0 else axis
+    else:  # one scale (also a 1-element 1-D one): per tensor, kept as a scalar
+        scale = scale.reshape(())
+        zero_point = None if zero_point is None else zero_point.reshape(())
     attributes = {k: a for k, a in producer.attributes.items() if k not in ("axis", "block_size")}
     return QuantConst(values, scale, zero_point, axis, attributes)
 
@@ -158,14 +161,14 @@ def join(parts: list[QuantConst], what: str) -> QuantConst:
     first = parts[0]
     dtypes = {(p.values.dtype.str, p.scale.dtype.str) for p in parts}
     if len(dtypes) > 1:
-        raise Refusal(f"{what}s are quantized to different types")
+        raise Refusal(f"{what} are quantized to different types")
     values = np.concatenate([p.values for p in parts], axis=0)
     if all(p.axis is None for p in parts) and _same_params(parts):
         return dataclasses.replace(first, values=values)
     if any(p.axis not in (None, 0) for p in parts):
         if not _same_params(parts) or len({p.axis for p in parts}) > 1:
             raise Refusal(
-                f"{what}s are quantized per channel on axis {first.axis} with different scales "
+                f"{what} are quantized per channel on axis {first.axis} with different scales "
                 "or zero points; one tensor cannot hold them"
             )
         return dataclasses.replace(first, values=values)

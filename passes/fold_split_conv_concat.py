@@ -22,6 +22,18 @@ Each maximal run of at least two consecutive inputs whose Convs read channel ran
 tensor is a block; every block must meet the conditions below, except that the Concat's other
 inputs (S, T) can be anything. A block that does not is reported as skipped, the others fold.
 
+Quantized blocks (QDQ, what ``onnxruntime.quantization`` writes) fold too::
+
+    X ─ Split ─ Q(s_i) ─ DQ(s_i) ─ Conv(DQ(W_i), DQ(B_i)) ─ Q(t_i) ─ DQ(t_i) ─ Concat
+  ->
+    X ─ Q(s) ─ DQ(s) ─ Conv(DQ(concat W_i), DQ(concat B_i), group) ─ Q(t) ─ DQ(t)
+
+with the weights joined as integers (per-channel scales concatenated; per-tensor ones kept when
+equal, else per channel on axis 0, see :mod:`._quant`) and the activation Q/DQ pairs joined
+exactly when :mod:`._fold_quant` says (per tensor when every branch has the same scale and zero
+point, else per channel on axis 1 from opset 13). QLinearConv branches fold into one QLinearConv
+when they share their x and y scales and zero points.
+
 Folds when:
     * every Concat input (of the run) is a Conv (or ConvTranspose) branch, optionally followed
       by an inference BatchNormalization and/or one elementwise activation, each value used
@@ -41,7 +53,9 @@ Folds when:
       embedded, zero-padded, in the largest);
     * every branch has the same activation (op and attributes) or none.
 
-Refuses, leaving the block as it is and recording why: uneven or empty parts, a Concat order
+Refuses, leaving the block as it is and recording why: quantization one grouped conv cannot
+reproduce (see :mod:`._fold_quant`; a BatchNormalization after a quantized Conv, blocked
+quantization, quantized and float weights mixed), uneven or empty parts, a Concat order
 different from the channel order, overlapping, strided or interior-gapped slices, a non-channel
 axis, a branch value used elsewhere or that is a graph output, differing Conv attributes,
 non-constant weights, and a channel dim that is symbolic where the ranges depend on it.
@@ -66,6 +80,8 @@ from ._common import (
 )
 from ._driver import AnchoredPass, Scope
 from ._fold_match import ELEMENTWISE_ACTIVATIONS, Block, Branch, FoldMatch, match_concat
+from ._fold_quant import apply_pairs
+from ._quant import QuantConst, add_dequantized, join
 from ._shapes import ShapeFacts
 
 __all__ = ["ELEMENTWISE_ACTIVATIONS", "FoldSplitConvConcat"]
@@ -103,7 +119,7 @@ class FoldSplitConvConcat(AnchoredPass):
         return is_onnx_op(node, "Concat")
 
     def _match(self, node: ir.Node) -> FoldMatch | None:
-        return match_concat(node, self._facts, mixconv=self.mixconv)
+        return match_concat(node, self._facts, mixconv=self.mixconv, opset=self._opset)
 
     def _rewrite(self, match: FoldMatch, scope: Scope) -> list[dict]:
         concat = match.concat
@@ -148,6 +164,16 @@ class FoldSplitConvConcat(AnchoredPass):
             new_nodes.append(new_act)
             result = new_act.outputs[0]
             notes.append(f"{activation.op_type} moved after the grouped {op_type}")
+        if block.output_params:  # the branches' output Q/DQ, joined
+            widths = [b.geometry.out_channels for b in block.branches]
+            if result.name is None:
+                result.name = scope.names.fresh(f"{conv.name}_out")
+            result.type, result.shape = like.type, like.shape
+            result, nodes, quant_notes = apply_pairs(
+                result, block.output_params, widths, scope, concat, f"{conv.name}_output"
+            )
+            new_nodes.extend(nodes)
+            notes.extend(f"output {note}" for note in quant_notes)
         if run_result:  # named here: the Concat keeps its output
             result.name = scope.names.fresh(f"{conv.name}_{'act_' if activation else ''}out")
             result.type, result.shape = like.type, like.shape
@@ -155,7 +181,7 @@ class FoldSplitConvConcat(AnchoredPass):
         doomed = [
             node
             for branch in block.branches
-            for node in (branch.activation, branch.batch_norm, branch.conv)
+            for node in (*branch.output_qdq, branch.activation, branch.batch_norm, branch.conv)
             if node is not None
         ]
         return result, doomed, _record(block, conv, notes)
@@ -167,47 +193,32 @@ class FoldSplitConvConcat(AnchoredPass):
         branches = block.branches
         first = branches[0]
         notes: list[str] = []
-        weights, biases = [], []
-        for branch in branches:
-            weight, bias = _weights_with_batch_norm(branch)
-            weights.append(weight)
-            biases.append(bias)
-            if branch.batch_norm is not None and "BatchNormalization folded" not in notes:
-                notes.append("BatchNormalization folded")
         attributes = {key: attr for key, attr in first.conv.attributes.items() if key != "group"}
-        if block.mixconv:
-            weights, grid = _embed_kernels(branches, weights)
-            attributes.pop("auto_pad", None)
-            attributes["kernel_shape"] = ir.AttrInt64s("kernel_shape", grid.kernel)
-            attributes["dilations"] = ir.AttrInt64s("dilations", grid.dilations)
-            attributes["pads"] = ir.AttrInt64s("pads", grid.pads)
-            notes.append(
-                "MixConv: kernels embedded in one "
-                f"{'x'.join(map(str, grid.kernel))} grid (dilation {list(grid.dilations)})"
-            )
         attributes["group"] = ir.AttrInt64("group", len(branches) * first.attrs.group)
-        weight = np.concatenate(weights, axis=0)
-        bias = None
-        if any(b is not None for b in biases):
-            zeros = np.zeros(first.geometry.out_channels, weight.dtype)
-            bias = np.concatenate([zeros if b is None else b for b in biases]).astype(weight.dtype)
-
         names = scope.names
         base = names.fresh(f"{first.conv.name or 'conv'}_grouped")
-        constants = [(weight, "weight")] + ([(bias, "bias")] if bias is not None else [])
-        conv_inputs = [block.source] + [
-            add_constant(scope.graph, array, names.fresh(f"{base}.{label}"),
-                         as_node=scope.in_function, before=concat)
-            for array, label in constants
-        ]  # fmt: skip
+        weight_inputs = _weight_inputs(block, attributes, notes, scope, base, concat)
+        source = block.source
         lo, hi = block.window
         if (lo, hi) != (0, block.channels):
-            conv_inputs[0] = self._insert_window_slice(block, concat, scope, base)
+            source = self._insert_window_slice(block, concat, scope, base)
             notes.append(
                 f"gapped split: keeps channels [{lo}:{hi}) of {block.channels} by one Slice"
             )
-        op_type = first.geometry.op_type
-        conv = ir.node(op_type, conv_inputs, attributes=attributes, name=base, num_outputs=1)
+        if block.input_params:  # the branches' input Q/DQ, joined
+            widths = [b.geometry.in_channels for b in branches]
+            source, nodes, quant_notes = apply_pairs(
+                source, block.input_params, widths, scope, concat, f"{base}_input"
+            )
+            scope.graph.insert_before(concat, nodes)
+            notes.extend(f"input {note}" for note in quant_notes)
+        op_type = first.conv.op_type
+        if op_type == "QLinearConv":
+            x_params, y_params = first.conv.inputs[1:3], first.conv.inputs[6:8]
+            inputs = [source, *x_params, *weight_inputs[:3], *y_params, *weight_inputs[3:]]
+        else:
+            inputs = [source, *weight_inputs]
+        conv = ir.node(op_type, inputs, attributes=attributes, name=base, num_outputs=1)
         return conv, notes
 
     def _insert_window_slice(
@@ -238,6 +249,79 @@ class FoldSplitConvConcat(AnchoredPass):
 
 
 # --------------------------------------------------------------------------------- helpers
+
+
+def _weight_inputs(
+    block: Block, attributes: dict, notes: list[str], scope: Scope, base: str, before: ir.Node
+) -> list[ir.Value]:
+    """The grouped conv's weight and bias inputs (QLinearConv: weight, its scale and zero
+    point, bias), quantized as the branches' were."""
+    branches = block.branches
+    first = branches[0]
+
+    def constant(array: np.ndarray, label: str) -> ir.Value:
+        return add_constant(scope.graph, np.ascontiguousarray(array),
+                            scope.names.fresh(f"{base}.{label}"), as_node=scope.in_function,
+                            before=before)  # fmt: skip
+
+    def dequantized(quant: QuantConst, label: str) -> ir.Value:
+        return add_dequantized(scope.graph, quant, f"{base}.{label}", as_node=scope.in_function,
+                               before=before, names=scope.names)  # fmt: skip
+
+    if first.weight_q is None:
+        weights, biases = zip(*(_weights_with_batch_norm(b) for b in branches))
+        if any(b.batch_norm is not None for b in branches):
+            notes.append("BatchNormalization folded")
+        weight = np.concatenate(_mixconv(block, list(weights), attributes, notes), axis=0)
+        inputs = [constant(weight, "weight")]
+        if any(b is not None for b in biases):
+            inputs.append(constant(_joined_bias(branches, biases, weight.dtype), "bias"))
+        return inputs
+    quants = [b.weight_q for b in branches]
+    centred = [q.values.astype(np.int64) - q.zero_points().astype(np.int64) for q in quants]
+    embedded = _mixconv(block, centred, attributes, notes)  # off-grid: the zero point
+    quants = [dataclasses.replace(q, values=(e + q.zero_points()).astype(q.values.dtype))
+              for q, e in zip(quants, embedded)]  # fmt: skip
+    weight = join(quants, "branch weights")
+    biases = [b.bias for b in branches]
+    if first.conv.op_type == "QLinearConv":
+        inputs = [constant(weight.values, "weight"), constant(weight.scale, "weight_scale"),
+                  constant(weight.zero_point, "weight_zero_point")]  # fmt: skip
+        if any(b is not None for b in biases):
+            inputs.append(constant(_joined_bias(branches, biases, np.int32), "bias"))
+        return inputs
+    inputs = [dequantized(weight, "weight")]
+    if first.bias_q is not None:
+        inputs.append(dequantized(join([b.bias_q for b in branches], "branch biases"), "bias"))
+    elif any(b is not None for b in biases):
+        inputs.append(constant(_joined_bias(branches, biases, weight.scale.dtype), "bias"))
+    return inputs
+
+
+def _joined_bias(branches: list[Branch], biases, dtype) -> np.ndarray:
+    """The branches' biases end to end, zeros for a branch without one."""
+    return np.concatenate(
+        [np.zeros(b.geometry.out_channels, dtype) if bias is None else bias
+         for b, bias in zip(branches, biases)]
+    ).astype(dtype)  # fmt: skip
+
+
+def _mixconv(
+    block: Block, weights: list[np.ndarray], attributes: dict, notes: list[str]
+) -> list[np.ndarray]:
+    """MixConv: the weights embedded (zero-padded) in one grid, which the attributes take."""
+    if not block.mixconv:
+        return weights
+    weights, grid = _embed_kernels(block.branches, weights)
+    attributes.pop("auto_pad", None)
+    attributes["kernel_shape"] = ir.AttrInt64s("kernel_shape", grid.kernel)
+    attributes["dilations"] = ir.AttrInt64s("dilations", grid.dilations)
+    attributes["pads"] = ir.AttrInt64s("pads", grid.pads)
+    notes.append(
+        "MixConv: kernels embedded in one "
+        f"{'x'.join(map(str, grid.kernel))} grid (dilation {list(grid.dilations)})"
+    )
+    return weights
 
 
 def _activation_after(
@@ -294,7 +378,7 @@ def _record(block: Block, conv: ir.Node, notes: list[str]) -> dict:
     op_type = conv.op_type
     n = len(branches)
     group = conv.attributes["group"].as_int()
-    weight_shape = [int(d) for d in conv.inputs[1].shape]
+    weight_shape = [int(d) for d in conv.inputs[3 if op_type == "QLinearConv" else 1].shape]
     splitters = sorted({b.splitter.op_type for b in branches if b.splitter is not None})
     summary = (
         f"{n} x {op_type} -> one {op_type}(group={group}), weight {weight_shape}"
