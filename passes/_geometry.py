@@ -18,6 +18,8 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
+import numpy as np
+
 CONV = "Conv"
 CONV_TRANSPOSE = "ConvTranspose"
 
@@ -116,3 +118,26 @@ class ConvGeometry:
         if self.out_channels % self.group:
             return f"C_out={self.out_channels} is not divisible by group={self.group}"
         return None
+
+
+def block_diagonal_weight(weight: np.ndarray, group: int, op_type: str = CONV) -> np.ndarray:
+    """The ungrouped weight equal to a grouped one: each group's block, zeros elsewhere.
+
+    Args:
+        weight: ``[C_out, C_in/G, k...]`` for Conv, ``[C_in, C_out/G, k...]`` for ConvTranspose.
+        group: G.
+        op_type: ``"Conv"`` or ``"ConvTranspose"``. Both layouts hold the axis that is split
+            into groups first, so the result is the same for both.
+
+    Returns:
+        ``[C_out, C_in, k...]`` for Conv, ``[C_in, C_out, k...]`` for ConvTranspose.
+    """
+    geometry = ConvGeometry.from_weight(op_type, weight.shape, group)
+    ungrouped = dataclasses.replace(geometry, group=1)
+    dense = np.zeros(ungrouped.weight_shape, weight.dtype)
+    columns = geometry.output_range if geometry.transpose else geometry.input_range
+    for index in range(group):
+        rows = geometry.weight_rows(index)
+        cols = columns(index)
+        dense[rows, cols.start : cols.stop] = weight[rows]
+    return dense

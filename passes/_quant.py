@@ -37,6 +37,7 @@ from ._common import (
     is_onnx_op,
     through_identity,
 )
+from ._geometry import CONV, block_diagonal_weight
 
 
 @dataclasses.dataclass
@@ -217,3 +218,17 @@ def add_dequantized(
     out.type = ir.TensorType(ir.DataType.from_numpy(quant.scale.dtype))
     graph.insert_before(before, node)
     return out
+
+
+def block_diagonal_quantized(quant: QuantConst, group: int, op_type: str = CONV) -> QuantConst:
+    """:func:`block_diagonal_weight` of a quantized weight: off the blocks, the zero point.
+
+    Each position off the blocks holds its row's (or column's) zero point, so it dequantizes
+    to exactly 0; a scale per input channel (axis 1) is repeated for every group.
+    """
+    wide = np.int64
+    centred = quant.values.astype(wide) - quant.zero_points().astype(wide)
+    dense_centred = block_diagonal_weight(centred, group, op_type)
+    dense = quant.with_values(dense_centred, tile=group if quant.axis == 1 else 1)
+    values = (dense_centred + dense.zero_points().astype(wide)).astype(quant.values.dtype)
+    return dataclasses.replace(dense, values=values)

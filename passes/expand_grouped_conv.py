@@ -39,7 +39,8 @@ Quantized models, split mode::
 
 and ``QLinearConv(Xq, s_x, z_x, Wq, s_w, z_w, s_y, z_y, B, group=G)`` becomes a Split of ``Xq``,
 G QLinearConvs (``Wq[i]``, ``s_w[i]``, ``z_w[i]``, ``B[i]``; the x and y scales shared) and a
-Concat of their integer outputs. A weight or bias that is ``DequantizeLinear`` of constants
+Concat of their integer outputs; ``ConvInteger`` likewise (its weight zero point split with
+the rows when it has one per output channel, though onnxruntime runs only one per tensor). A weight or bias that is ``DequantizeLinear`` of constants
 (int8/uint8, int4/uint4, int16/uint16, int32 bias) is split in the integer domain: per-channel
 scales and zero points (axis 0) go with their rows, a per-tensor one stays shared (see
 :mod:`._quant`). A Conv input dequantized per tensor is split before its DequantizeLinear
@@ -94,8 +95,14 @@ from ._common import (
     take_over_value,
 )
 from ._driver import AnchoredPass, Match, Scope
-from ._geometry import CONV, ConvGeometry
-from ._quant import QuantConst, add_dequantized, qlinear_weight, read_dequantized
+from ._geometry import CONV, ConvGeometry, block_diagonal_weight
+from ._quant import (
+    QuantConst,
+    add_dequantized,
+    block_diagonal_quantized,
+    qlinear_weight,
+    read_dequantized,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -107,7 +114,7 @@ LARGE_DENSE_MULTIPLIER = 4.0
 SPLIT_INPUT_OPSET = 13
 
 # Quantized convolutions with the layout of Conv, expanded when "Conv" is among the op types.
-QUANTIZED_CONV_OPS = ("QLinearConv",)
+QUANTIZED_CONV_OPS = ("QLinearConv", "ConvInteger")
 Select = Callable[[ir.Node, ConvGeometry], "str | None"]
 """Decides per node: None expands it, a string leaves it alone with that string as the reason."""
 
@@ -292,7 +299,7 @@ class ExpandGroupedConv(AnchoredPass):
 # --------------------------------------------------------------------------------- helpers
 
 # Where a convolution keeps its bias: Conv/ConvTranspose input 2, QLinearConv input 8.
-_BIAS_INPUT = {"QLinearConv": 8}
+_BIAS_INPUT = {"QLinearConv": 8, "ConvInteger": None}  # ConvInteger has no bias
 
 
 def _read_weights(
@@ -307,6 +314,8 @@ def _read_weights(
         if len(conv.inputs) < 8 or any(conv.inputs[i] is None for i in (0, 3, 4, 5)):
             raise Refusal(f"{NODE} lacks a QLinearConv input", conv)
         weight_q, bias_q = qlinear_weight(conv), None
+    elif conv.op_type == "ConvInteger":
+        weight_q, bias_q = _conv_integer_weight(conv), None
     else:
         weight_q = read_dequantized(conv.inputs[1], "weight", conv)
         bias_q = None
@@ -317,11 +326,29 @@ def _read_weights(
         raise Refusal(f"weight of {NODE} is not a constant", conv)
     index = _BIAS_INPUT.get(conv.op_type, 2)
     bias = None
-    if len(conv.inputs) > index and conv.inputs[index] is not None:
+    if index is not None and len(conv.inputs) > index and conv.inputs[index] is not None:
         bias = bias_q.values if bias_q is not None else const_array(conv.inputs[index])
         if bias is None:
             raise Refusal(f"bias of {NODE} is not a constant", conv)
     return weight_q, bias_q, weight, bias
+
+
+def _conv_integer_weight(conv: ir.Node) -> QuantConst:
+    """A ConvInteger's weight and zero point (input 3, per tensor or one per output channel);
+    it has no scale, so the scale is ones."""
+    weight = const_array(conv.inputs[1])
+    zero = None
+    if len(conv.inputs) > 3 and conv.inputs[3] is not None:
+        zero = const_array(conv.inputs[3])
+        if zero is None:
+            raise Refusal(f"weight zero point of {NODE} is not a constant", conv)
+    if weight is None:
+        raise Refusal(f"weight of {NODE} is not a constant", conv)
+    axis = 0 if zero is not None and zero.size > 1 else None
+    rows = weight.shape[0] if axis == 0 else 1
+    scale = np.ones(rows, np.float32) if axis == 0 else np.float32(1)
+    zero = zero.reshape(-1) if axis == 0 else (None if zero is None else zero.reshape(()))
+    return QuantConst(weight, np.asarray(scale), zero, axis)
 
 
 def _check_channels(conv: ir.Node, geometry: ConvGeometry, bias: np.ndarray | None) -> None:
@@ -435,6 +462,15 @@ def _branch_inputs(
         return add_dequantized(scope.graph, quant, f"{base}.{label}_g{index}",
                                as_node=scope.in_function, before=conv, names=names)  # fmt: skip
 
+    if conv.op_type == "ConvInteger":
+        weight = match.weight_q.rows(rows)
+        inputs = [part, constant(weight.values, "weight")]
+        if len(conv.inputs) > 2:
+            inputs.append(conv.inputs[2])  # the input's zero point, shared
+        if len(conv.inputs) > 3 and conv.inputs[3] is not None:
+            shared = weight.axis is None
+            inputs.append(conv.inputs[3] if shared else constant(weight.zero_point, "weight_zp"))
+        return inputs
     if conv.op_type == "QLinearConv":
         weight = match.weight_q.rows(rows)
         shared = weight.axis is None  # one scale and zero point for every group: reuse them
@@ -498,7 +534,11 @@ def _dense(match: _Match, scope: Scope, base: str) -> tuple[list[ir.Node], ir.Va
     else:
         quant = block_diagonal_quantized(match.weight_q, match.group, conv.op_type)
         weight = quant.values
-        if conv.op_type == "QLinearConv":
+        if conv.op_type == "ConvInteger":
+            inputs = [conv.inputs[0], add_constant(
+                scope.graph, quant.values, names.fresh(f"{base}.weight"),
+                as_node=scope.in_function, before=conv), *conv.inputs[2:]]  # fmt: skip
+        elif conv.op_type == "QLinearConv":
             inputs = [*conv.inputs[:3]] + [
                 add_constant(scope.graph, array, names.fresh(f"{base}.{label}"),
                              as_node=scope.in_function, before=conv)
@@ -518,43 +558,6 @@ def _dense(match: _Match, scope: Scope, base: str) -> tuple[list[ir.Node], ir.Va
     )  # fmt: skip
     details = {"weight_shape": list(weight.shape), "new_nodes": [dense.name]}
     return [dense], dense.outputs[0], details
-
-
-def block_diagonal_weight(weight: np.ndarray, group: int, op_type: str = CONV) -> np.ndarray:
-    """The ungrouped weight equal to a grouped one: each group's block, zeros elsewhere.
-
-    Args:
-        weight: ``[C_out, C_in/G, k...]`` for Conv, ``[C_in, C_out/G, k...]`` for ConvTranspose.
-        group: G.
-        op_type: ``"Conv"`` or ``"ConvTranspose"``. Both layouts hold the axis that is split
-            into groups first, so the result is the same for both.
-
-    Returns:
-        ``[C_out, C_in, k...]`` for Conv, ``[C_in, C_out, k...]`` for ConvTranspose.
-    """
-    geometry = ConvGeometry.from_weight(op_type, weight.shape, group)
-    ungrouped = dataclasses.replace(geometry, group=1)
-    dense = np.zeros(ungrouped.weight_shape, weight.dtype)
-    columns = geometry.output_range if geometry.transpose else geometry.input_range
-    for index in range(group):
-        rows = geometry.weight_rows(index)
-        cols = columns(index)
-        dense[rows, cols.start : cols.stop] = weight[rows]
-    return dense
-
-
-def block_diagonal_quantized(quant: QuantConst, group: int, op_type: str = CONV) -> QuantConst:
-    """:func:`block_diagonal_weight` of a quantized weight: off the blocks, the zero point.
-
-    Each position off the blocks holds its row's (or column's) zero point, so it dequantizes
-    to exactly 0; a scale per input channel (axis 1) is repeated for every group.
-    """
-    wide = np.int64
-    centred = quant.values.astype(wide) - quant.zero_points().astype(wide)
-    dense_centred = block_diagonal_weight(centred, group, op_type)
-    dense = quant.with_values(dense_centred, tile=group if quant.axis == 1 else 1)
-    values = (dense_centred + dense.zero_points().astype(wide)).astype(quant.values.dtype)
-    return dataclasses.replace(dense, values=values)
 
 
 def _branch_attributes(conv: ir.Node) -> dict[str, ir.Attr]:

@@ -232,3 +232,37 @@ def test_computed_quantized_weight_is_refused():
     result, expand = _expand(proto)
     assert result.modified is False
     assert "weight of gconv is the DequantizeLinear of a computed tensor" in expand.skips[0].reason
+
+
+def conv_integer_grouped(*, per_channel_zero=True):
+    """X (uint8) -> ConvInteger(w uint8, x_zp, w_zp, group) -> Y (int32)."""
+    r = rng(4)
+    w = r.integers(0, 256, (OUT, CHANNELS // GROUP, 3, 3)).astype(np.uint8)
+    w_zero = r.integers(100, 150, OUT).astype(np.uint8) if per_channel_zero else np.uint8(128)
+    inits = [_t("w", w), _t("x_z", np.uint8(7)), _t("w_z", w_zero)]
+    node = helper.make_node(
+        "ConvInteger", ["X", "w", "x_z", "w_z"], ["Y"], name="gconv", group=GROUP, pads=[1] * 4
+    )
+    x = tensor_info("X", ["N", CHANNELS, *SPATIAL], TensorProto.UINT8)
+    y = tensor_info("Y", ["N", OUT, *SPATIAL], TensorProto.INT32)
+    return make_model([node], [x], [y], inits)
+
+
+# onnxruntime's ConvInteger takes one weight zero point only ("Non per-tensor quantization is
+# not supported now"), so only that form is checked.
+@pytest.mark.parametrize("mode", ["split", "dense"])
+def test_conv_integer_expands_bit_identical(mode):
+    proto = conv_integer_grouped(per_channel_zero=False)
+    result, expand = _expand(proto, mode=mode)
+    assert result.modified is True, [s.reason for s in expand.skips]
+    convs = [n for n in result.model.graph if n.op_type == "ConvInteger"]
+    assert len(convs) == (GROUP if mode == "split" else 1)
+    assert all("group" not in c.attributes for c in convs)
+    onnx.checker.check_model(ir.serde.serialize_model(result.model), full_check=True)
+    feeds = [{"X": rng(s).integers(0, 256, (2, CHANNELS, *SPATIAL)).astype(np.uint8)}
+             for s in (0, 1)]  # fmt: skip
+    before = run_ort_model(ir.serde.deserialize_model(proto), feeds)
+    after = run_ort_model(result.model, feeds)
+    for a, b in zip(before, after):  # integer sums: exact
+        assert np.std(a["Y"]) > 0
+        np.testing.assert_array_equal(a["Y"], b["Y"])
