@@ -2,21 +2,27 @@
 
 Per group g the conv is a GEMM ``out[k, p] = sum_r W[g*Kg + k, r] * im2col(inp)[g, r, p]`` with
 ``k < Kg`` output channels, ``p`` output pixels and ``r`` over (input channel of the group, tap).
-The group is the batch axis of the GEMM: the grid runs over (image, group x channel tile,
-pixel tile)::
+The tile (``cuda_tiles.choose_tile``) divides the output exactly, so no loop below has a bounds
+check::
 
-    blockIdx.z = n, blockIdx.y = channel tile (never straddles a group), blockIdx.x = pixel tile
-    threadIdx.x = (channel lane, row lane, column lane)
-    for rc_o:                                   # the group's input channels, rc_i at a time
+    blockIdx.z = n, blockIdx.y = group (or block of whole groups), blockIdx.x = (channel tile
+        inside the group, row tile, column tile)
+    threadIdx.x = (reduction slice, channel lane, row lane, column lane)
+    for rc_o:                                   # input-channel stages (one when it all fits)
         shared  W_s[ch tile, rc_i, kh, kw]      # cooperative loads by all threads
-        shared  X_s[rc_i, rows, cols]           # the input window of the pixel tile (padding
-                                                #   folded into the load, no pad kernel)
-        for rc_i, ry, rx: acc[f_t, x_t] += W_s * X_s     # f_t x x_t outputs per thread
+        shared  X_s[channels, rows, cols]       # the input window of the tile (padding folded
+                                                #   into the load, no pad kernel)
+        for rc_i, ry, rx: acc[f_t, x_t] += W_s * X_s     # f_t x x_t outputs per thread, unrolled
     out = epilogue(acc)                          # bias, BN, activation, residual: fused
 
-Depthwise convs (one input and one output channel per group) use the same template with a
-channel tile of 1 and a larger 2-D pixel tile: spatial tiling with the input halo in shared
-memory. Dense convs are left to dlight's Matmul rule (tensor cores in float16).
+With a reduction slice (``k_split`` > 1, stages 3-4 of ResNeXt, where a register tile that
+fills a thread would leave SMs idle) each thread sums its slice of the input channels, the
+partial sums meet in shared memory, and one thread per output adds them and runs the epilogue.
+float16 convs that ``cuda_accumulate`` widened accumulate in float32.
+
+Depthwise convs (one input and one output channel per group) take the same path: channel tiles
+of whole "groups" when the image is small, spatial tiles with the input halo in shared memory
+when it is large. Dense convs are left to dlight's Matmul rule (tensor cores in float16).
 """
 
 from __future__ import annotations
@@ -50,6 +56,8 @@ def schedule_conv(
     if conv.kind == "dense":
         return None, "", f"{conv.describe()}: dense, left to dlight's Matmul rule", None
     tile = choose_tile(conv)
+    inputs = {str(r.source.name): str(r.source.dtype) for r in sch.get(conv.block).reads}
+    widened = inputs.get(conv.weight_param, conv.dtype) != conv.dtype
     try:
         _apply(sch, conv, tile)
     except Exception as err:  # noqa: BLE001 - TVM raises many kinds; dlight takes the function
@@ -64,6 +72,8 @@ def schedule_conv(
     func = sch.mod["main"].with_attr("tirx.is_scheduled", True)
     # read by tools that bound the kernel statically (cuda_static)
     func = func.with_attr("gconv.fmas_per_thread", fmas_per_thread(conv, tile))
+    if widened:  # cuda_accumulate's pass made the conv's own dtype the accumulator's
+        why += f"; {inputs[conv.weight_param]} inputs, {conv.dtype} accumulators"
     return func, form_name, f"{conv.describe()}: {why}; {tile.describe()}", None
 
 
