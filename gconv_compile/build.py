@@ -22,6 +22,7 @@ import io
 import json
 import logging
 import os
+import re
 import shutil
 import struct
 import tempfile
@@ -394,17 +395,54 @@ def _import_relax(
         raise UserError(f"{refusals[0].reason}, and TVM ignores output_shape; bind it with --shape")
     ir.external_data.load_to_model(model)  # TVM reads tensors from the proto, not from files
     proto = ir.serde.serialize_model(model)
+    renames = _c_identifier_inputs(proto)
+    bound = {renames.get(name, name): dims for name, dims in shapes.items()}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            mod = from_onnx(
-                proto, shape_dict=dict(shapes) or None, keep_params_in_input=keep_params
-            )
+            mod = from_onnx(proto, shape_dict=bound or None, keep_params_in_input=keep_params)
         except Exception as exc:
             raise UserError(f"TVM's ONNX importer cannot convert the model: {tvm_message(exc)}")
     for warning in caught:
         logger.info("TVM import: %s", str(warning.message).splitlines()[0])
     return mod
+
+
+def _c_identifier_inputs(proto: onnx.ModelProto) -> dict[str, str]:
+    """Rename graph inputs that are not C identifiers in the proto handed to TVM (not the model).
+
+    TVM 0.27's CUDA codegen names kernel parameters after graph inputs, so ShuffleNet's
+    'gpu_0/data_0' became the parameter 'gpu_0/data_0_ptr', which nvcc rejects. The library
+    is fed by position, and the sidecar keeps the ONNX names.
+    """
+    graph = proto.graph
+    taken = {v.name for v in graph.input} | {t.name for t in graph.initializer}
+    taken |= {name for node in graph.node for name in node.output}
+    renames = {}
+    weights = {t.name for t in graph.initializer}
+    for value in graph.input:
+        if value.name in weights or re.fullmatch(r"[A-Za-z_]\w*", value.name):
+            continue
+        new = re.sub(r"\W", "_", value.name)
+        new = new if re.match(r"[A-Za-z_]", new) else f"v_{new}"
+        while new in taken:
+            new += "_"
+        taken.add(new)
+        renames[value.name] = value.name = new
+    if renames:
+        _rename_uses(graph, renames)
+        for value in graph.output:
+            value.name = renames.get(value.name, value.name)
+    return renames
+
+
+def _rename_uses(graph: onnx.GraphProto, renames: Mapping[str, str]) -> None:
+    for node in graph.node:
+        node.input[:] = [renames.get(name, name) for name in node.input]
+        for attribute in node.attribute:
+            subgraphs = [attribute.g] if attribute.HasField("g") else []
+            for sub in [*subgraphs, *attribute.graphs]:
+                _rename_uses(sub, renames)
 
 
 def _detach_weights(mod, model: ir.Model) -> tuple[Any, dict[str, np.ndarray]]:

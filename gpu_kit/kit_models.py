@@ -10,7 +10,6 @@ the kit from ``benchmarks/``).
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -99,25 +98,6 @@ def generator_spec(shape: ConvShape | None = None) -> dict:
     fields = ("name", "in_channels", "out_channels", "size", "kernel", "stride", "group")
     return {"function": "single_conv", "args": {f: getattr(shape, f) for f in fields},
             "seed": SEED}  # fmt: skip
-
-
-def c_identifier_inputs(model: onnx.ModelProto) -> onnx.ModelProto:
-    """The model with graph inputs renamed to C identifiers ('gpu_0/data_0' -> 'gpu_0_data_0').
-
-    TVM 0.27's CUDA codegen names kernel parameters after the graph input, so ShuffleNet's
-    'gpu_0/data_0' becomes the invalid C parameter 'gpu_0/data_0_ptr' and nvcc (or NVRTC at
-    load time) rejects the library. Until compile renames them, the kit's models avoid it.
-    """
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    graph = out.graph
-    renames = {v.name: re.sub(r"\W", "_", v.name) for v in graph.input}
-    for value in graph.input:
-        value.name = renames[value.name]
-    for node in graph.node:
-        for index, name in enumerate(node.input):
-            node.input[index] = renames.get(name, name)
-    return out
 
 
 def initializers(model: onnx.ModelProto) -> dict[str, np.ndarray]:

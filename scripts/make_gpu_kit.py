@@ -90,8 +90,7 @@ def entries() -> list[Entry]:
         for dtype in ("float32", "float16"):
             model = kit_models.generate(spec, dtype)
             out.append(Entry(shape.name, dtype, model, "conv", conv, generate=spec))
-    shufflenet = kit_models.c_identifier_inputs(zoo_model("light_shufflenet"))
-    out.append(Entry("shufflenet_v1", "float32", shufflenet, "model"))
+    out.append(Entry("shufflenet_v1", "float32", zoo_model("light_shufflenet"), "model"))
     block = kit_models.branchy_block()
     out.append(Entry("resnext_block_branchy", "float32", block, "model"))
     out.append(Entry("resnext_block_branchy", "float16", kit_models.to_float16(block), "model"))

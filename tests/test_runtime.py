@@ -265,3 +265,26 @@ def test_bundle_runs_under_a_bare_python(example, tmp_path):
                          capture_output=True, text=True, env=env, cwd=tmp_path)  # fmt: skip
     assert run.returncode == 0, run.stderr
     np.testing.assert_allclose(np.load(tmp_path / "y.npy"), expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("target", ["llvm", "cuda"])
+def test_input_names_that_are_not_c_identifiers_build(tmp_path, target):
+    """ShuffleNet's input 'gpu_0/data_0' once became the CUDA parameter 'gpu_0/data_0_ptr'."""
+    if target == "cuda" and find_nvcc() is None:
+        pytest.skip("no nvcc to compile the CUDA C at build time")
+    model = grouped_conv(group=2, channels_in=4, channels_out=4, spatial=(6, 6), batch=1)
+    for value in [*model.graph.input, *model.graph.output]:
+        value.name = {"X": "gpu_0/data_0", "Y": "out/y"}.get(value.name, value.name)
+    for node in model.graph.node:
+        node.input[:] = ["gpu_0/data_0" if n == "X" else n for n in node.input]
+        node.output[:] = ["out/y" if n == "Y" else n for n in node.output]
+    compiled = gconv_compile.compile(model, target, output=tmp_path / "m.so", arch=None)
+    assert compiled.info.cuda_note is None
+    assert [s.name for s in compiled.info.inputs] == ["gpu_0/data_0"]
+    if target == "llvm":
+        x = np.random.default_rng(7).standard_normal((1, 4, 6, 6)).astype(np.float32)
+        got = load(tmp_path / "m.so").run({"gpu_0/data_0": x})
+        expected = ort_run(model, {"gpu_0/data_0": x})
+        np.testing.assert_allclose(got["out/y"], expected["out/y"], rtol=1e-4, atol=1e-5)
+    else:
+        assert compiled.info.cuda_binary["arch"] == "sm_80"
