@@ -15,7 +15,7 @@ integers not at all; the rewritten blocks' own outputs are compared too
   at the rewritten block.
 
 Fast versions run a 32x32 input (all 16 blocks, 1x1 spatial at stage 4); the 224x224 ones are
-marked slow (about 40 s for the API cases, 3 min per compile on 2 cores).
+marked slow (about 35 s per network for the API cases, 30 s per compile, on 2 cores).
 """
 
 from __future__ import annotations
@@ -264,14 +264,19 @@ def test_optimize_cli_prints_margins_and_refuses_a_wrong_fold(tmp_path, monkeypa
     assert worst["name"] == f"{LAST}_conv2_out" and worst["passed"] is False
 
 
-def test_compile_llvm_of_branchy_resnext50_passes_the_check(tmp_path, capsys):
-    """About 20 s: the fold's check, then the TVM build."""
+def test_compile_llvm_of_branchy_resnext50_passes_the_check_and_verify(tmp_path, capsys):
+    """About 20 s: the fold's check, the TVM build, then verify against onnxruntime."""
     path = tmp_path / "branchy.onnx"
     onnx.save(build_resnext50("branchy", size=32), path)
-    code = cli.main(["compile", str(path), "-o", str(tmp_path / "r.so"), "--target", "llvm"])
+    library = tmp_path / "r.so"
+    code = cli.main(["compile", str(path), "-o", str(library), "--target", "llvm"])
     out = capsys.readouterr().out
     assert code == 0, out
     assert "16 rewritten value(s) match" in out
+    assert cli.main(["verify", str(path), "--lib", str(library), "--seeds", "2"]) == 0
+    out = capsys.readouterr().out
+    margin = float(out.split("worst margin ")[1].split(")")[0])
+    assert "verify: PASS: 1/1" in out and 0 <= margin < 0.1, out
 
 
 # --------------------------------------------------------------------------- full size (slow)
@@ -280,7 +285,7 @@ def test_compile_llvm_of_branchy_resnext50_passes_the_check(tmp_path, capsys):
 @pytest.mark.slow
 @pytest.mark.parametrize("bn", [False, True], ids=["bias-folded", "batch-norm"])
 def test_full_size_resnext50_right_passes_and_wrong_fails(bn):
-    """224x224 (about 1 min per network on 2 cores): the measured case of issue #11."""
+    """224x224 (about 35 s per network on 2 cores): the measured case of issue #11."""
     proto = build_resnext50("branchy", size=224, bn=bn)
     report = _checked_fold(proto)
     assert report.check.passed and report.check.margin < 0.1, report.check.to_dict()
@@ -292,7 +297,7 @@ def test_full_size_resnext50_right_passes_and_wrong_fails(bn):
 @pytest.mark.slow
 @pytest.mark.parametrize("bn", [False, True], ids=["bias-folded", "batch-norm"])
 def test_full_size_resnext50_compiles_with_the_check_on(tmp_path, capsys, bn):
-    """224x224 compile --target llvm (about 3 min on 2 cores)."""
+    """224x224 compile --target llvm (about 30 s on 2 cores)."""
     path = tmp_path / "branchy.onnx"
     onnx.save(build_resnext50("branchy", size=224, bn=bn), path)
     code = cli.main(["compile", str(path), "-o", str(tmp_path / "r.so"), "--target", "llvm"])
