@@ -101,7 +101,7 @@ def layer_model(layer: Layer, dtype: str = "float32", seed: int = 0) -> onnx.Mod
         nodes,
         layer.name,
         [helper.make_tensor_value_info("X", elem, [1, c, layer.size, layer.size])],
-        [helper.make_tensor_value_info("Y", elem, None)],
+        [helper.make_tensor_value_info("Y", elem, [None] * 4)],
         [numpy_helper.from_array(weight, "W"), numpy_helper.from_array(bias, "B")],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
