@@ -176,15 +176,10 @@ def compile(  # noqa: A001 - the public name the API promises
     if spec["kind"] == "cuda":
         report.extra["conv_forms"] = conv_forms
     info = LibraryInfo(
-        model_sha256=fingerprint,
-        inputs=inputs,
-        outputs=outputs,
-        target=spec,
-        optimized=optimize,
-        rewrites=len(report.rewrites),
-        model=str(loaded.path) if loaded.path else None,
-        tvm_version=tvm_version(),
-    )
+        model_sha256=fingerprint, inputs=inputs, outputs=outputs, target=spec,
+        optimized=optimize, rewrites=len(report.rewrites),
+        model=str(loaded.path) if loaded.path else None, tvm_version=tvm_version(),
+    )  # fmt: skip
     compiled = CompiledModel(executable, info, report, weights=weights)
     return _write_outputs(compiled, request)
 
