@@ -338,6 +338,78 @@ def test_tune_then_reuse_records(tmp_path):
     vm = relax.VirtualMachine(
         tvm.compile(from_onnx(model), target, relax_pipeline=pipeline), tvm.cpu()
     )
-    assert any(d.schedule == "tuned" for d in decisions), [d.line() for d in decisions]
+    # the record is applied only where it measured faster than the default schedule
+    import json
+
+    (verdict,) = json.loads((tmp_path / "default_vs_tuned.json").read_text()).values()
+    (conv,) = [d for d in decisions if "conv" in d.function]
+    if verdict["keep"] == "tuned":
+        assert conv.schedule == "tuned", conv.line()
+    else:
+        assert "kept over the tuning record" in conv.detail, conv.line()
     out, ref = run_both(model, random_feeds(model, seed=6), vm)
+    assert_close(out, ref, F32)
+
+
+def _commit_unscheduled_record(mod, target, db_dir) -> None:
+    """A tuning record whose schedule is no schedule at all (TVM's naive loops), claiming 1 us."""
+    from tvm import s_tir
+    from tvm.s_tir import meta_schedule as ms
+
+    database = ms.database.JSONDatabase(work_dir=str(db_dir), module_equality="structural")
+    (task,) = [t for t in ms.relax_integration.extract_tasks(mod, target) if "conv" in t.task_name]
+    task_mod = task.dispatched[0]
+    sch = s_tir.Schedule(task_mod)
+    sch.get_loops(sch.get_child_blocks(sch.get_sblock("root"))[-1])  # a trace MetaSchedule keeps
+    record = ms.database.TuningRecord(
+        sch.trace,
+        database.commit_workload(task_mod),
+        run_secs=[1e-6],
+        target=target,
+        args_info=ms.arg_info.ArgInfo.from_prim_func(task_mod["main"]),
+    )
+    database.commit_tuning_record(record)
+
+
+def _build_with_db(model, target, db_dir):
+    from tvm import relax
+    from tvm.relax.frontend.onnx import from_onnx
+
+    decisions: list = []
+    pipeline = tvm_schedules.relax_pipeline(target, db_dir=str(db_dir), decisions=decisions)
+    with tvm.transform.PassContext(opt_level=3):
+        executable = tvm.compile(from_onnx(model), target, relax_pipeline=pipeline)
+    convs = [d for d in decisions if "conv" in d.function]
+    return relax.VirtualMachine(executable, tvm.cpu()), convs
+
+
+def test_a_record_slower_than_the_default_is_not_applied(tmp_path):
+    """The record (naive loops) loses to the default schedule when measured: the build keeps
+    the default. With the verdict flipped by hand, the same record is applied: the verdict, not
+    the record's claimed 1 us, decides."""
+    import json
+
+    from tvm.relax.frontend.onnx import from_onnx
+
+    target = tvm.target.Target(tvm_schedules.host_target())
+    model = conv_model(64, 64, (28, 28), group=4)
+    with target:
+        mod = tvm.transform.Sequential(tvm_schedules.legalize_and_fuse(target))(from_onnx(model))
+    _commit_unscheduled_record(mod, target, tmp_path)
+    summary = tvm_schedules.tune(mod, target, trials=0, db_dir=tmp_path)
+    assert summary.trials == 0 and len(summary.reused) == 1
+    verdicts = json.loads((tmp_path / "default_vs_tuned.json").read_text())
+    (verdict,) = verdicts.values()
+    assert verdict["keep"] == "default" and verdict["tuned_us"] > 3 * verdict["default_us"] > 0
+    vm, convs = _build_with_db(model, target, tmp_path)
+    assert [d.schedule for d in convs] == ["cpu-grouped-conv"], [d.line() for d in convs]
+    assert "kept over the tuning record" in convs[0].detail
+    out, ref = run_both(model, random_feeds(model, seed=7), vm)
+    assert_close(out, ref, F32)
+
+    verdict["keep"] = "tuned"
+    (tmp_path / "default_vs_tuned.json").write_text(json.dumps(verdicts))
+    vm, convs = _build_with_db(model, target, tmp_path)
+    assert [d.schedule for d in convs] == ["tuned"], [d.line() for d in convs]
+    out, ref = run_both(model, random_feeds(model, seed=7), vm)
     assert_close(out, ref, F32)

@@ -18,9 +18,12 @@ The whole Relax pipeline in one call (replaces ``relax_pipeline="default"``)::
 
 ``relax_pipeline`` runs, in this order, under ``with target``:
 
-1. ``legalize_and_fuse``: library dispatch, LegalizeOps, AnnotateTIROpPattern, FoldConstant,
-   FuseOps, FuseTIR (fusion is what puts bias / BN / activation / residual add into the conv);
-2. ``apply_database(mod, target, db_dir)`` when ``db_dir`` is given (no-op without records);
+1. ``legalize_and_fuse``: library dispatch, DecomposeOpsForInference (batch norm as
+   elementwise arithmetic), LegalizeOps, AnnotateTIROpPattern, FoldConstant, FuseOps, FuseTIR
+   (fusion is what puts bias / BN / activation / residual add into the conv);
+2. ``apply_database(mod, target, db_dir)`` when ``db_dir`` is given (no-op without records;
+   a record whose task our default schedule ran faster, as ``tune`` measured, is not applied:
+   that function keeps the default and its decision says so);
 3. ``schedule_module(mod, target)``: our schedules, before any dlight rule;
 4. for GPU targets, dlight's defaults (Matmul, GEMV, Reduction, GeneralReduction, Fallback);
    they skip the functions steps 2-3 marked ``tirx.is_scheduled``;
@@ -55,7 +58,7 @@ from tvm import tirx
 from tvm.target import Target
 
 from .cpu import host_target
-from .tuning import apply_database, tune
+from .tuning import apply_database, kept_defaults, tune
 
 logger = logging.getLogger(__name__)
 
@@ -76,6 +79,10 @@ def legalize_and_fuse(target: Target) -> list:
 
     return [
         *relax.pipeline.library_dispatch_passes(target),
+        # batch_norm as its inference arithmetic (elementwise): FuseOps then puts it into the
+        # conv's epilogue; legalised whole it is a separate 12-block function per BN (ShuffleNet
+        # v1 ran 9x slower than onnxruntime that way)
+        relax.transform.DecomposeOpsForInference(),
         relax.transform.LegalizeOps(),
         relax.transform.AnnotateTIROpPattern(),
         relax.transform.FoldConstant(),
@@ -110,10 +117,19 @@ def relax_pipeline(
     def _pipeline(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         with target:
             mod = tvm.transform.Sequential(legalize_and_fuse(target))(mod)
+            kept = {}
             if db_dir is not None:
+                kept = kept_defaults(mod, target, db_dir)
                 mod, tuned = apply_database(mod, target, db_dir)
                 logger.info("%d function(s) from the tuning database", tuned)
             mod, made = schedule_module(mod, target, form=form)
+            for decision in made:
+                verdict = kept.get(decision.function)
+                if verdict is not None:
+                    decision.detail += (
+                        f"; kept over the tuning record (default {verdict['default_us']} us, "
+                        f"tuned {verdict['tuned_us']} us)"
+                    )
             if decisions is not None:
                 decisions.extend(made)
             if target.kind.name != "llvm":

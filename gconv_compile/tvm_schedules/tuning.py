@@ -354,15 +354,14 @@ def _default_module(task_mod: tvm.IRModule, target: Target) -> tvm.IRModule:
 def _timer(mod: tvm.IRModule, target: Target) -> Callable[[], float]:
     """Microseconds of one run of ``mod``'s main on seeded random arguments (min of 5)."""
     import numpy as np
+    from tvm.s_tir.meta_schedule.arg_info import ArgInfo
 
-    lib = tvm.compile(mod, target=target)
-    func, device = mod["main"], tvm.cpu()
+    lib = tvm.compile(mod, target=target).jit()
+    device = tvm.cpu()
     rng = np.random.default_rng(0)
-    args = []
-    for param in func.params:
-        buffer = func.buffer_map[param]
-        shape = [int(d) for d in buffer.shape]
-        data = rng.standard_normal(shape).astype(str(buffer.dtype))
-        args.append(tvm.runtime.tensor(data, device))
+    args = [
+        tvm.runtime.tensor(rng.standard_normal(info.shape).astype(info.dtype), device)
+        for info in ArgInfo.from_prim_func(mod["main"])
+    ]
     evaluator = lib.time_evaluator("main", device, number=1, repeat=5, min_repeat_ms=20)
     return lambda: float(evaluator(*args).min) * 1e6
