@@ -194,8 +194,9 @@ def _mismatch(kernel, x, ref, **edit) -> bool:
     return False
 
 
-PLANTED = [
-    pytest.param(dict(c_in=64, c_out=64, size=(9, 9), group=2), id="grouped-multistage"),
+PLANTED = [  # a split reduction (3 barriers), input channels in stages (2), depthwise (1)
+    pytest.param(dict(c_in=64, c_out=64, size=(9, 9), group=2), id="grouped-split"),
+    pytest.param(dict(c_in=1024, c_out=64, size=(4, 4), group=2), id="grouped-staged"),
     pytest.param(dict(c_in=32, c_out=32, size=(14, 14), group=32), id="depthwise"),
 ]
 

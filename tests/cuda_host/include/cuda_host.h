@@ -142,7 +142,7 @@ struct Block {
   int current = 0;
   void (*body)(void*) = nullptr;
   void* arg = nullptr;
-  int barrier_with_exited = 0;  // a __syncthreads reached after some thread of the block exited
+  int barrier_with_exited = 0;  // blocks where a __syncthreads came after some thread exited
 };
 
 static Block block_state;
@@ -157,7 +157,8 @@ __attribute__((noinline)) static void syncthreads() {
   swapcontext(&self.context, &block_state.scheduler);
 }
 
-// Runs one block; returns false when its threads did not all reach the same barriers.
+// Runs one block; returns false when some of its threads reached a barrier after others of
+// them had exited (undefined behaviour on a GPU).
 static bool run_block(int threads, int order, char* stacks, size_t stack_size) {
   Block& b = block_state;
   for (int t = 0; t < threads; ++t) {
@@ -172,6 +173,7 @@ static bool run_block(int threads, int order, char* stacks, size_t stack_size) {
     f.context.uc_link = &b.scheduler;
     makecontext(&f.context, fiber_entry, 0);
   }
+  bool uniform = true;
   for (;;) {
     int finished = 0;
     for (int i = 0; i < threads; ++i) {
@@ -183,8 +185,8 @@ static bool run_block(int threads, int order, char* stacks, size_t stack_size) {
       swapcontext(&b.scheduler, &f.context);
     }
     for (int t = 0; t < threads; ++t) finished += b.fibers[t].done;
-    if (finished == threads) return true;
-    if (finished != 0) ++b.barrier_with_exited;
+    if (finished == threads) return uniform;
+    if (finished != 0) uniform = false;
   }
 }
 
@@ -212,7 +214,8 @@ static int cuda_host_launch(const int grid[3], const int block[3], int order,
         blockIdx.x = x, blockIdx.y = y, blockIdx.z = z;
         if (__start_cuda_shared != nullptr)
           std::memset(__start_cuda_shared, 0xff, __stop_cuda_shared - __start_cuda_shared);
-        cuda_host::run_block(threads, order, stacks, stack_size);
+        if (!cuda_host::run_block(threads, order, stacks, stack_size))
+          ++cuda_host::block_state.barrier_with_exited;
       }
   std::free(stacks);
   delete[] fibers;
