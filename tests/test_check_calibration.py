@@ -234,6 +234,18 @@ def test_wrong_fold_of_resnext50_fails(small_resnext, mutation, block):
         assert 2 < block_stat.margin < 10
 
 
+def test_expand_of_grouped_resnext50_compares_each_expanded_conv():
+    """The other direction: each grouped conv's output (kept by its Concat) is compared."""
+    from gconv_compile.pipeline import expand
+
+    _, report = expand(build_resnext50("grouped", size=32), seeds=(0,))
+    check = report.check
+    assert len(report.rewrites) == 16 and check.passed and check.margin < 0.1
+    assert sorted(s.name for s in check.values) == sorted(
+        f"{r.anchor}_out" for r in report.rewrites
+    )
+
+
 def test_optimize_cli_prints_margins_and_refuses_a_wrong_fold(tmp_path, monkeypatch, capsys):
     path = tmp_path / "branchy.onnx"
     onnx.save(build_resnext50("branchy", size=32, bn=True), path)

@@ -46,6 +46,7 @@ def test_check_failure_exits_1_writes_report_not_output(command, tmp_path, monke
     data = json.loads(report.read_text())
     assert data["check"]["passed"] is False
     assert data["check"]["outputs"][0]["max_abs_error"] > 1e-3
+    assert data["check"]["outputs"][0]["margin"] > 1 and data["check"]["margin"] > 1
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "r.json"]
 
 
