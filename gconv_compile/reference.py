@@ -239,8 +239,11 @@ def run_with_values(
     source: str | bytes, feeds_list: Sequence[Mapping[str, np.ndarray]], names: Sequence[str]
 ) -> list[dict[str, np.ndarray]]:
     """Run ``source`` on each feed dict and return the graph outputs and the values ``names``."""
-    serialised, folder, _ = with_extra_outputs(source, names)
-    session = ort_session(serialised, external_data_folder=folder)
+    if names:
+        serialised, folder, _ = with_extra_outputs(source, names)
+        session = ort_session(serialised, external_data_folder=folder)
+    else:  # no copy of the model to make
+        session = ort_session(source)
     outputs = [o.name for o in session.get_outputs()]
     return [dict(zip(outputs, session.run(outputs, dict(feeds)))) for feeds in feeds_list]
 
