@@ -276,3 +276,33 @@ def test_kernels_are_what_compile_emits(tmp_path, monkeypatch):
     built = _definitions(emitted.read_text())
     for kernel in ours:
         assert _definitions(kernel.source)[kernel.name] == built[kernel.name], kernel.name
+
+
+# ------------------------------------------------------------------- the networks' own layers
+
+
+def _network_layers():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import cuda_static
+
+    return [
+        pytest.param(layer, id=f"{layer.network}-{layer.name}") for layer in cuda_static.layers()
+    ]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", ["float32", "float16-acc32"])
+@pytest.mark.parametrize("layer", _network_layers())
+def test_network_layer_matches_onnxruntime(layer, dtype):
+    """Every distinct grouped conv of ResNeXt-50 and depthwise conv of MobileNetV2, full size."""
+    model, model_f32, x = conv_case(layer.channels, layer.channels, (layer.size, layer.size),
+                                    group=layer.group, stride=layer.stride,
+                                    dtype=dtype.removesuffix("-acc32"))  # fmt: skip
+    schedule = "cuda-depthwise-spatial" if layer.kind == "depthwise" else "cuda-grouped-igemm"
+    before = (accumulate_grouped_conv_in_float32,) if dtype.endswith("-acc32") else ()
+    kernel = the_kernel(model, schedule, before)
+    np.testing.assert_allclose(run(kernel, x), reference(model_f32, x), **TOL[dtype],
+                               err_msg=kernel.detail)  # fmt: skip
