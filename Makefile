@@ -60,7 +60,7 @@ $(BARE)/.installed:
 	touch $@
 
 gpu-kit-rehearse: $(BARE)/.installed
-	test -f $(KIT)/manifest.json || $(MAKE) gpu-kit
+	@test -f $(KIT)/manifest.json || { echo "gpu-kit-rehearse: no $(KIT); run make gpu-kit first" >&2; exit 2; }
 	copy=$$(mktemp -d /tmp/gpu-kit-copy.XXXXXX) && cp -r $(KIT)/. $$copy/ && \
 	PIP_NO_INDEX=1 PYTHON=$(CURDIR)/$(BARE)/bin/python bash $$copy/run.sh --rehearse \
 		--out $(abspath $(REHEARSAL)); status=$$?; rm -rf $$copy; exit $$status
