@@ -171,6 +171,24 @@ def test_cpu_conv_matches_onnxruntime(kwargs, kind, form):
     assert_close(out, ref, dtype)
 
 
+@pytest.mark.parametrize(
+    ("size", "stride", "vector"),
+    [((7, 7), 1, 7), ((14, 14), 2, 7), ((12, 12), 1, 12)],
+    ids=["7x7", "14x14-stride2", "12x12"],
+)
+def test_depthwise_on_narrow_rows_vectorises_the_row(size, stride, vector):
+    """A 7-wide row has no power-of-two vector: the whole row is the vector (was scalar code).
+    12 is split 12 (not 4) where a register holds 16 lanes, into 4s where it holds 4."""
+    model = conv_model(32, 32, size, group=32, stride=stride)
+    vm, decisions = compile_cpu(model)
+    (conv,) = conv_decisions(decisions)
+    lanes = int(re.search(r"(\d+) lanes", conv.detail).group(1))
+    expected = vector if vector <= lanes else 4
+    assert f"pixel form: {expected}-wide vectors" in conv.detail, conv.detail
+    out, ref = run_both(model, random_feeds(model, seed=8), vm)
+    assert_close(out, ref, F32)
+
+
 def test_symbolic_batch_runs_batch_3():
     model = conv_model(16, 32, (6, 6), group=4, batch="N")
     vm, decisions = compile_cpu(model)
@@ -217,6 +235,28 @@ def test_non_conv_functions_get_the_fallback():
         "reduction" in d.detail for d in decisions
     )
     out, ref = run_both(model, random_feeds(model, seed=5), vm)
+    assert_close(out, ref, F32)
+
+
+@pytest.mark.parametrize(
+    ("k", "n", "trans_b", "expected"),
+    [(544, 1000, 1, "matmul 1000 outputs"), (32, 64, 0, "matmul 64 outputs"),
+     (16, 6, 1, "parallel outer loops")],
+    ids=["classifier-1000", "gemm-64", "6-outputs-no-vector"],
+)  # fmt: skip
+def test_classifier_matmul_runs_vectors_along_outputs(k, n, trans_b, expected):
+    r = rng(9)
+    w = r.standard_normal((n, k) if trans_b else (k, n)).astype(np.float32)
+    model = make_model(
+        [helper.make_node("Gemm", ["X", "W", "B"], ["Y"], transB=trans_b)],
+        [tensor_info("X", [1, k])],
+        [helper.make_tensor_value_info("Y", F32, [None, None])],
+        [init("W", w), init("B", r.standard_normal(n).astype(np.float32))],
+    )
+    vm, decisions = compile_cpu(model)
+    (matmul,) = [d for d in decisions if "matmul" in d.function]
+    assert expected in matmul.detail, matmul.line()
+    out, ref = run_both(model, {"X": r.standard_normal((1, k)).astype(np.float32)}, vm)
     assert_close(out, ref, F32)
 
 

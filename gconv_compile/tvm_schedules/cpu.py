@@ -122,6 +122,20 @@ def _lane_use(vector: int, lanes: int) -> float:
     return vector / lanes
 
 
+def _row_vector(row_len: int, lanes: int, pow2: int) -> int:
+    """A vector that divides a narrow row (7, 14, 28 pixels), for depthwise convs.
+
+    The channel form needs several output channels per group, so a depthwise conv on a 7x7 or
+    14x14 map had only 1-wide (scalar) code; a 7- or 14-wide vector (LLVM splits it into
+    register-sized parts, with a partial last one) is 3-7x faster.
+    """
+    best = pow2
+    for d in range(4, lanes + 1):
+        if row_len % d == 0 and _lane_use(d, lanes) > _lane_use(best, lanes):
+            best = d
+    return best
+
+
 def _best_register_tile(budget: int, f_opts: list[int], x_opts: list[int], y_opts: list[int]) -> tuple[float, int, int, int] | None:  # fmt: skip
     """Best (score, f, y, x) register tile: most FMAs per load, then most accumulators."""
     best = None
@@ -152,10 +166,14 @@ def choose_tile(
     # Flattened output pixels of one row unit: 1x1 stride-1 convs read whole planes contiguously.
     row_len = conv.out_h * conv.out_w if pointwise else conv.out_w
     rows = 1 if pointwise else conv.out_h
-    y_opts = [1] if pointwise else _divisors(rows, 4)
+    depthwise = conv.kind == "depthwise"
+    # depthwise: one channel per tile, so rows are the only source of independent accumulators
+    y_opts = [1] if pointwise else _divisors(rows, 8 if depthwise else 4)
     candidates = []
     # pixel form: vectors along the row; a tile must not straddle rows unevenly (1x1 convs)
     x_vec = _pow2_divisor(row_len, lanes)
+    if depthwise and not pointwise and _lane_use(x_vec, lanes) < 0.75:
+        x_vec = _row_vector(row_len, lanes, x_vec)
     if x_vec >= 4:
         x_opts = [
             x for x in _divisors(row_len // x_vec, 8)
@@ -383,6 +401,11 @@ def schedule_fallback(func: tirx.PrimFunc, target: Target) -> tuple[tirx.PrimFun
     """Parallelise the outer spatial loops of every block (pooling, elementwise, small matmuls)."""
     from tvm.s_tir.dlight.analysis import normalize_prim_func
 
+    from .cpu_matmul import schedule_matmul
+
+    matmul, _ = schedule_matmul(func, vector_lanes(target)[0])
+    if matmul is not None:
+        return matmul, _
     sch = s_tir.Schedule(func)
     infos = normalize_prim_func(sch)
     if infos is None:
