@@ -11,8 +11,15 @@ pass their own as a path to a ``.json`` file. Fields::
       "supports_depthwise": true,                # Conv with group == C_in
       "preferred_expansion": "split",            # "split" or "dense"
       "max_dense_flop_multiplier": 4,            # dense beyond this many x the work: split
-      "fold": false                              # fold split-conv-concat blocks first
+      "fold": false,                             # fold split-conv-concat blocks first
+      "fold_launch_macs": 20000,                 # optional: cost of one node, in multiply-adds
+      "fold_copy_macs_per_element": 1,           # optional: cost of copying one element
+      "fold_max_cost_ratio": 1                   # optional: fold when <= this x the branches
     }
+
+The three optional ``fold_*`` fields price the cost estimate that decides whether a fold that
+adds work (MixConv kernels embedded in one grid) pays on the target
+(:mod:`gconv_compile.passes._fold_cost`); their defaults are onnxruntime's CPU EP, measured.
 
 ``optimize --target`` folds first when the profile says so, then expands every grouped
 convolution the target cannot run (:meth:`Profile.expand_options`).
@@ -28,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from gconv_compile.errors import UserError
+from gconv_compile.passes._fold_cost import FoldCost
 
 EXPANSIONS = ("split", "dense")
 
@@ -37,9 +45,16 @@ _BOOL_FIELDS = (
     "supports_depthwise",
     "fold",
 )
+# Optional prices of the fold's cost estimate, with their defaults (see FoldCost).
+_COST_FIELDS = {
+    "fold_launch_macs": "launch_macs",
+    "fold_copy_macs_per_element": "copy_macs_per_element",
+    "fold_max_cost_ratio": "max_ratio",
+}
 _FIELDS = frozenset(
-    {"name", "description", "preferred_expansion", "max_dense_flop_multiplier", *_BOOL_FIELDS}
-)
+    {"name", "description", "preferred_expansion", "max_dense_flop_multiplier", *_BOOL_FIELDS,
+     *_COST_FIELDS}
+)  # fmt: skip
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +70,12 @@ class Profile:
     max_dense_flop_multiplier: float
     fold: bool
     source: str = "built-in"
+    fold_cost: tuple[tuple[str, float], ...] = ()
+    """The ``fold_*`` prices the profile sets, as (FoldCost field, value) pairs."""
+
+    def fold_cost_model(self) -> FoldCost:
+        """The prices of the fold's cost estimate on this target."""
+        return FoldCost(**dict(self.fold_cost))
 
     def expand_options(self, mode: str | None = None) -> list[dict[str, Any]]:
         """Keyword arguments of the ``ExpandGroupedConv`` passes this target needs, in order.
@@ -171,6 +192,16 @@ def parse_profile(raw: str, *, source: str, default_name: str) -> Profile:
         raise UserError(
             f"{label}: 'max_dense_flop_multiplier' must be a number >= 1, got {multiplier!r}"
         )
+    fold_cost = {}
+    for field, key in _COST_FIELDS.items():
+        value = data.get(field)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+            raise UserError(f"{label}: '{field}' must be a number >= 0, got {value!r}")
+        fold_cost[key] = float(value)
+    if fold_cost.get("max_ratio", 1.0) <= 0:
+        raise UserError(f"{label}: 'fold_max_cost_ratio' must be above 0")
     name = data.get("name", default_name)
     description = data.get("description", "")
     for field, value in (("name", name), ("description", description)):
@@ -191,6 +222,7 @@ def parse_profile(raw: str, *, source: str, default_name: str) -> Profile:
         max_dense_flop_multiplier=float(multiplier),
         fold=data["fold"],
         source=source,
+        fold_cost=tuple(sorted(fold_cost.items())),
     )
 
 

@@ -33,6 +33,7 @@ from gconv_compile.passes import (
     ResolveConvTransposeOutputShape,
 )
 from gconv_compile.passes._common import const_array
+from gconv_compile.passes._fold_cost import MIXCONV_MODES, FoldCost
 from gconv_compile.passes.expand_grouped_conv import MODES
 from gconv_compile.profiles import Profile, load_profile
 
@@ -186,6 +187,7 @@ def passes_for_target(
     skip: Sequence[str] = (),
     warnings: list[str] | None = None,
     input_shapes: Mapping[str, Sequence[int]] | None = None,
+    mixconv: str = "auto",
 ) -> PassPlan:
     """The passes ``command`` runs on a model for ``target``: the one place that decides.
 
@@ -201,11 +203,19 @@ def passes_for_target(
       ConvTranspose's ``output_shape`` (which TVM 0.27 ignores) becomes explicit pads, with
       ``input_shapes`` (the user's ``--shape``) binding symbolic input sizes.
 
+    ``mixconv`` (``--mixconv``) decides the folds that add work, MixConv blocks whose kernels
+    are embedded in the largest: ``"auto"`` folds one when the cost estimate, priced by the
+    target profile's ``fold_*`` fields (no target: onnxruntime's CPU), says it is not slower;
+    ``"always"`` and ``"never"`` do what they say.
+
     Raises:
-        UserError: An unknown mode, an empty group range or a bad target profile.
+        UserError: An unknown mode or mixconv mode, an empty group range or a bad target
+            profile.
     """
     if command not in COMMANDS:
         raise ValueError(f"command must be one of {COMMANDS}, got {command!r}")
+    if mixconv not in MIXCONV_MODES:
+        raise UserError(f"--mixconv must be one of {', '.join(MIXCONV_MODES)}, got '{mixconv}'")
     if command == "import":
         return PassPlan([ResolveConvTransposeOutputShape(input_shapes=input_shapes)], target)
     profile = load_profile(target) if target is not None else None
@@ -217,7 +227,8 @@ def passes_for_target(
         skip=skip, target=profile,
     )  # fmt: skip
     if command != "expand" and (profile is None or profile.fold):
-        plan.passes.append(FoldSplitConvConcat())
+        cost = profile.fold_cost_model() if profile is not None else FoldCost()
+        plan.passes.append(FoldSplitConvConcat(mixconv=mixconv, cost=cost))
     if command == "expand" or profile is not None:
         plan.passes.extend(expand)
     if command == "expand" and profile is not None and not expand:

@@ -97,6 +97,10 @@ class Block:
     point (empty: no input quantization)."""
     output_params: list[list[Params]] = dataclasses.field(default_factory=list)
     """The same for the Q, DQ after each branch."""
+    shared: list[int] = dataclasses.field(default_factory=list)
+    """Branches (indices) whose output is also used elsewhere: served by a Slice."""
+    notes: list[str] = dataclasses.field(default_factory=list)
+    """What the cost decision found, for the report."""
 
 
 @dataclasses.dataclass
@@ -188,8 +192,11 @@ def _match_block(
     run_chains = [chains[index] for index in run]
     if len({chain[0].op_type for chain in run_chains}) > 1:
         raise Refusal("branches mix Conv and ConvTranspose", concat)
-    for index in run:
-        _check_single_use(concat.inputs[index], concat, f"branch {index}")
+    shared = [
+        position
+        for position, index in enumerate(run)
+        if _check_single_use(concat.inputs[index], concat, f"branch {index}")
+    ]
     branches = [_branch(chain) for chain in run_chains]
     rank = branches[0].weight.ndim
     if any(b.weight.ndim != rank for b in branches):
@@ -208,7 +215,7 @@ def _match_block(
     channels = _source_channels(branches, facts)
     embed = _check_conv_attributes(branches, mixconv)
     _check_same_activation(branches)
-    block = Block(run, branches, source, window, channels, embed)
+    block = Block(run, branches, source, window, channels, embed, shared=shared)
     _check_quantization(block, rank, opset)
     return block
 
@@ -317,21 +324,29 @@ def _branch(chain: Chain) -> Branch:
                   weight_q=weight_q, bias_q=bias_q, output_qdq=output_qdq)  # fmt: skip
 
 
-def _check_single_use(value: ir.Value, concat: ir.Node, label: str) -> None:
-    """Every value from the Conv to the Concat must feed only the next node of the branch."""
+def _check_single_use(value: ir.Value, concat: ir.Node, label: str) -> bool:
+    """Every value from the Conv to the Concat must feed only the next node of the branch,
+    except the branch's output itself: return True when it is also used elsewhere (or is a
+    graph output), which the fold serves from a Slice of the grouped output."""
     current = value
     consumer = concat
+    shared = False
     while True:
-        if current.is_graph_output():
-            raise Refusal(f"{label}: '{current.name}' is also a graph output", current.producer())
         uses = list(current.uses())
-        if len(uses) != 1 or uses[0].node is not consumer:
-            others = sorted({node_label(u.node) for u in uses if u.node is not consumer})
-            detail = f"also used by {others}" if others else "used more than once by the Concat"
-            raise Refusal(f"{label}: '{current.name}' is {detail}", current.producer())
+        others = sorted({node_label(u.node) for u in uses if u.node is not consumer})
+        mine = sum(1 for u in uses if u.node is consumer)
+        if current is value and mine == 1:
+            shared = bool(others) or current.is_graph_output()
+        else:
+            if current.is_graph_output():
+                raise Refusal(f"{label}: '{current.name}' is also a graph output",
+                              current.producer())  # fmt: skip
+            if len(uses) != 1 or uses[0].node is not consumer:
+                detail = f"also used by {others}" if others else "used more than once by the Concat"
+                raise Refusal(f"{label}: '{current.name}' is {detail}", current.producer())
         producer = current.producer()
         if producer is None or is_onnx_op(producer, *BRANCH_CONV_OPS):
-            return
+            return shared
         for extra in producer.outputs[1:]:
             if extra.uses() or extra.is_graph_output():
                 raise Refusal(f"{label}: {NODE} has other outputs in use", producer)

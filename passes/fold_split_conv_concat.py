@@ -36,8 +36,11 @@ when they share their x and y scales and zero points.
 
 Folds when:
     * every Concat input (of the run) is a Conv (or ConvTranspose) branch, optionally followed
-      by an inference BatchNormalization and/or one elementwise activation, each value used
-      once;
+      by an inference BatchNormalization and/or one elementwise activation, each value inside
+      the branch used once; the branch's output may also be used elsewhere (or be a graph
+      output): those users then read a Slice of the grouped output, under the output's name
+      (this always pays: 1 + S nodes run instead of N + 2, copying at most what the Concat
+      did, see :mod:`._fold_cost`);
     * each branch's input is one channel range of the same tensor X: an output of a Split
       (opset 1-11 ``split`` attribute, 13 ``split`` input, 18 ``num_outputs``) or a Slice on
       the channel axis with step 1 (bounds constant, or computed by Shape/Gather/Div/Mul
@@ -50,14 +53,17 @@ Folds when:
       chains: TorchScript's second use of a shared weight); or, for Conv only, the kernels or
       dilations differ but
       every branch has the same strides and centred 'same' padding (MixConv: each kernel is
-      embedded, zero-padded, in the largest);
+      embedded, zero-padded, in the largest), and ``mixconv`` is "always", or "auto" (the
+      default) and the cost estimate of :mod:`._fold_cost` says the folded block is not
+      slower (the skip reason or the rewrite summary gives the estimate);
     * every branch has the same activation (op and attributes) or none.
 
 Refuses, leaving the block as it is and recording why: quantization one grouped conv cannot
 reproduce (see :mod:`._fold_quant`; a BatchNormalization after a quantized Conv, blocked
 quantization, quantized and float weights mixed), uneven or empty parts, a Concat order
 different from the channel order, overlapping, strided or interior-gapped slices, a non-channel
-axis, a branch value used elsewhere or that is a graph output, differing Conv attributes,
+axis, a value inside a branch used elsewhere or that is a graph output, differing Conv
+attributes, a MixConv fold that would be slower or whose sizes are not static (``"auto"``),
 non-constant weights, and a channel dim that is symbolic where the ranges depend on it.
 """
 
@@ -65,11 +71,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 
 import numpy as np
 import onnx_ir as ir
 
 from ._common import (
+    Refusal,
     add_constant,
     attr_float,
     const_array,
@@ -79,8 +87,9 @@ from ._common import (
     take_over_value,
 )
 from ._driver import AnchoredPass, Scope
+from ._fold_cost import Estimate, FoldCost, check_mode, estimate, refuse_unless_it_pays
 from ._fold_match import ELEMENTWISE_ACTIVATIONS, Block, Branch, FoldMatch, match_concat
-from ._fold_quant import apply_pairs
+from ._fold_quant import apply_pairs, data_input
 from ._quant import QuantConst, add_dequantized, join
 from ._shapes import ShapeFacts
 
@@ -98,16 +107,29 @@ class FoldSplitConvConcat(AnchoredPass):
     alone with the reason.
 
     Args:
-        mixconv: Also fold branches whose kernels differ but share centred 'same' padding.
+        mixconv: Blocks whose kernels differ but share centred 'same' padding (MixConv, mixed
+            dilations), folded by embedding every kernel in the largest grid: ``"auto"`` folds
+            them when the cost estimate says the result is not slower (see
+            :mod:`._fold_cost`), ``"always"`` folds them, ``"never"`` leaves them. True and
+            False mean "always" and "never".
+        cost: The target's prices for that estimate (default: onnxruntime CPU / llvm).
         subgraphs: Also fold inside If/Loop/Scan bodies.
         functions: Also fold inside model-local functions.
     """
 
     pass_name = PASS_NAME
 
-    def __init__(self, *, mixconv: bool = True, subgraphs: bool = True, functions: bool = True):
+    def __init__(
+        self,
+        *,
+        mixconv: str | bool = "auto",
+        cost: FoldCost | None = None,
+        subgraphs: bool = True,
+        functions: bool = True,
+    ):
         super().__init__(subgraphs=subgraphs, functions=functions)
-        self.mixconv = mixconv
+        self.mixconv = check_mode(mixconv)
+        self.cost = cost or FoldCost()
         self._opset = 1
         self._facts: ShapeFacts | None = None
 
@@ -119,7 +141,62 @@ class FoldSplitConvConcat(AnchoredPass):
         return is_onnx_op(node, "Concat")
 
     def _match(self, node: ir.Node) -> FoldMatch | None:
-        return match_concat(node, self._facts, mixconv=self.mixconv, opset=self._opset)
+        embed = self.mixconv != "never"
+        match = match_concat(node, self._facts, mixconv=embed, opset=self._opset)
+        if match is None:
+            return None
+        kept = []
+        for block in match.blocks:
+            try:
+                self._check_cost(block)
+                kept.append(block)
+            except Refusal as refusal:
+                if match.whole:
+                    raise
+                match.refusals.append(refusal)
+        if not kept:
+            raise match.refusals[0]
+        match.blocks = kept
+        return match
+
+    def _check_cost(self, block: Block) -> None:
+        """Raise unless the fold pays (MixConv in "auto" mode); note the estimate otherwise.
+
+        A block that adds no multiply-adds always pays: it runs 1 + S nodes instead of N + 2
+        (S <= N Slices for outputs used elsewhere) and copies at most what the Concat did.
+        """
+        if not block.mixconv and not block.shared:
+            return
+        found = self._estimate(block)
+        block.notes = []
+        if block.mixconv and self.mixconv == "auto":
+            refuse_unless_it_pays(found, "MixConv fold (kernels embedded in one grid)")
+            block.notes.append(f"mixconv='auto': the fold pays, {found.summary()}")
+        elif block.mixconv:
+            block.notes.append("mixconv='always': folded without weighing its cost")
+        if block.shared:
+            which = ", ".join(str(i) for i in block.shared)
+            block.notes.append(f"branch output(s) {which} also used elsewhere: read from a Slice")
+
+    def _estimate(self, block: Block) -> Estimate | None:
+        """The cost estimate of ``block``, or None when a size it needs is not static."""
+        sizes = []
+        for branch in block.branches:
+            elements = []
+            for value in (data_input(branch.conv), branch.conv.outputs[0]):
+                rank = self._facts.rank(value)
+                dims = [self._facts.static_dim(value, a) for a in range(1, rank or 0)]
+                if rank is None or any(d is None for d in dims):
+                    return None
+                batch = self._facts.static_dim(value, 0) or 1
+                elements.append(batch * math.prod(dims))
+            per_group = branch.geometry.in_per_group
+            sizes.append((*elements, per_group, math.prod(branch.attrs.kernel)))
+        grid = math.prod(block.branches[0].attrs.kernel)
+        if block.mixconv:
+            _, shape = _embed_kernels(block.branches, [b.weight[:1, :1] for b in block.branches])
+            grid = math.prod(shape.kernel)
+        return estimate(sizes, grid, block.shared, self.cost)
 
     def _rewrite(self, match: FoldMatch, scope: Scope) -> list[dict]:
         concat = match.concat
@@ -153,6 +230,7 @@ class FoldSplitConvConcat(AnchoredPass):
         first = block.branches[0]
         op_type = first.geometry.op_type
         conv, notes = self._grouped_conv(block, concat, scope)
+        notes.extend(block.notes)
         result = conv.outputs[0]
         new_nodes = [conv]
         run_result = like is None
@@ -178,6 +256,8 @@ class FoldSplitConvConcat(AnchoredPass):
             result.name = scope.names.fresh(f"{conv.name}_{'act_' if activation else ''}out")
             result.type, result.shape = like.type, like.shape
         scope.graph.insert_before(concat, new_nodes)
+        if block.shared:
+            self._serve_shared(block, concat, result, scope, conv.name)
         doomed = [
             node
             for branch in block.branches
@@ -225,27 +305,23 @@ class FoldSplitConvConcat(AnchoredPass):
         self, block: Block, concat: ir.Node, scope: Scope, base: str
     ) -> ir.Value:
         lo, hi = block.window
-        names = scope.names
-        name = names.fresh(f"{base}_window")
-        if self._opset < 10:  # Slice-1 takes its bounds as attributes
-            attributes = {"starts": [lo], "ends": [hi], "axes": [1]}
-            node = ir.node("Slice", [block.source], attributes=attributes, name=name)
-        else:
-            bounds = (("starts", lo), ("ends", hi), ("axes", 1), ("steps", 1))
-            consts = [
-                add_constant(
-                    scope.graph,
-                    np.array([v], np.int64),
-                    names.fresh(f"{base}.window_{label}"),
-                    as_node=scope.in_function,
-                    before=concat,
-                )  # fmt: skip
-                for label, v in bounds
-            ]
-            node = ir.node("Slice", [block.source, *consts], name=name)
-        node.outputs[0].name = names.fresh(f"{base}_window_out")
-        scope.graph.insert_before(concat, node)
-        return node.outputs[0]
+        return _insert_channel_slice(
+            block.source, lo, hi, scope, concat, f"{base}_window", self._opset
+        )
+
+    def _serve_shared(
+        self, block: Block, concat: ir.Node, result: ir.Value, scope: Scope, base: str
+    ) -> None:
+        """Branch outputs used elsewhere become Slices of the grouped result (same names)."""
+        width = block.branches[0].geometry.out_channels
+        for index in block.shared:
+            old = concat.inputs[block.run.start + index]
+            lo = index * width
+            part = _insert_channel_slice(
+                result, lo, lo + width, scope, concat, f"{base}_part{index}", self._opset
+            )
+            take_over_value(old, part, scope.names, "folded")
+        scope.graph.sort()  # a consumer may come before the Concat, and now reads the Slice
 
 
 # --------------------------------------------------------------------------------- helpers
@@ -322,6 +398,28 @@ def _mixconv(
         f"{'x'.join(map(str, grid.kernel))} grid (dilation {list(grid.dilations)})"
     )
     return weights
+
+
+def _insert_channel_slice(
+    source: ir.Value, lo: int, hi: int, scope: Scope, before: ir.Node, base: str, opset: int
+) -> ir.Value:
+    """Channels [lo, hi) of ``source`` by one Slice inserted before ``before``; its output."""
+    names = scope.names
+    name = names.fresh(base)
+    if opset < 10:  # Slice-1 takes its bounds as attributes
+        attributes = {"starts": [lo], "ends": [hi], "axes": [1]}
+        node = ir.node("Slice", [source], attributes=attributes, name=name)
+    else:
+        bounds = (("starts", lo), ("ends", hi), ("axes", 1), ("steps", 1))
+        consts = [
+            add_constant(scope.graph, np.array([v], np.int64), names.fresh(f"{base}_{label}"),
+                         as_node=scope.in_function, before=before)
+            for label, v in bounds
+        ]  # fmt: skip
+        node = ir.node("Slice", [source, *consts], name=name)
+    node.outputs[0].name = names.fresh(f"{base}_out")
+    scope.graph.insert_before(before, node)
+    return node.outputs[0]
 
 
 def _activation_after(

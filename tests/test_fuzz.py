@@ -107,7 +107,7 @@ class BlockPlan:
     constant_nodes: bool = False  # constants as Constant nodes (exporters do) or initializers
     shared_weight: bool = False  # every branch reads the same weight tensor
     chained: bool = False  # a second block (1x1 Convs) folds the first block's output
-    concat_extra: str | None = None  # near misses: "foreign" or "duplicate" Concat input
+    concat_extra: str | None = None  # near misses: a "duplicate" Concat input
     seed: int = 0
 
     @property
@@ -212,10 +212,7 @@ class _Writer:
         plan = self.plan
         order = plan.concat_order or list(range(len(ends)))
         concat_inputs = [ends[k] for k in order]
-        if plan.concat_extra == "foreign":  # same shape as a branch output, not a Conv branch
-            self.node("Mul", [ends[0], ends[0]], ["squared"], "squared")
-            concat_inputs.append("squared")
-        elif plan.concat_extra == "duplicate":
+        if plan.concat_extra == "duplicate":
             concat_inputs.append(ends[0])
         self.node("Concat", concat_inputs, ["Y"], "concat", axis=plan.concat_axis)
         return "Y"
@@ -557,6 +554,8 @@ NEAR_MISS_REASONS = {
     "gap-inside": r"between slices are skipped",
     "wrong-axis-concat": r"Concat is on axis 2, not the channel axis",
     "wrong-axis-split": r"(splits axis 2|slices axes \[2\]), not (only )?the channel axis",
+    # A value inside the branch (the branch's own output, when used elsewhere, folds: the user
+    # reads a Slice of the grouped output, issue #11 item 4).
     "extra-consumer": r"also used by|also a graph output",
     "drift-pads": r"padding differs|not centred",
     "drift-auto-pad": r"padding differs",
@@ -568,9 +567,6 @@ NEAR_MISS_REASONS = {
     "drift-activation": r"different activations",
     "symbolic-channels": r"symbolic|not constant",
     "weight-fed-at-run-time": r"weight of conv\d is not a constant",
-    # The branches still form a run that would fold beside the foreign input, but the foreign
-    # input reads branch 0's output.
-    "foreign-concat-input": r"branch 0: .* is also used by \['squared'\]",
     "duplicate-concat-input": r"used more than once by the Concat",
 }
 
@@ -681,10 +677,12 @@ def _mutation_wrong_axis_split(draw, plan: BlockPlan, _k: int) -> None:
 def _mutation_extra_consumer(draw, plan: BlockPlan, k: int) -> None:
     branches = plan.branches
     b = branches[k]
+    if not b.batch_norm and not b.activation:
+        b.batch_norm = True  # so the Conv's output is inside the branch
     stages = ["conv"] + (["bn"] if b.batch_norm else []) + (["act"] if b.activation else [])
     plan.extra_consumer = (
         k,
-        draw(st.sampled_from(stages)),
+        draw(st.sampled_from(stages[:-1])),
         draw(st.sampled_from(["node", "output"])),
     )
 
@@ -787,11 +785,6 @@ def _mutation_weight_fed_at_run_time(draw, plan: BlockPlan, k: int) -> None:
     plan.shared_weight = False
 
 
-def _mutation_foreign_concat_input(draw, plan: BlockPlan, _k: int) -> None:
-    plan.concat_extra = "foreign"
-    plan.concat_axis = 1
-
-
 def _mutation_duplicate_concat_input(draw, plan: BlockPlan, _k: int) -> None:
     plan.concat_extra = "duplicate"
     plan.concat_axis = 1
@@ -816,7 +809,6 @@ _MUTATIONS = {
     "drift-activation": _mutation_drift_activation,
     "symbolic-channels": _mutation_symbolic_channels,
     "weight-fed-at-run-time": _mutation_weight_fed_at_run_time,
-    "foreign-concat-input": _mutation_foreign_concat_input,
     "duplicate-concat-input": _mutation_duplicate_concat_input,
 }
 
@@ -895,7 +887,8 @@ def _assert_same_outputs(before: onnx.ModelProto, after: onnx.ModelProto, feeds:
 
 def _fold(model: onnx.ModelProto) -> tuple[onnx.ModelProto, FoldSplitConvConcat]:
     ir_model = ir.serde.deserialize_model(model)
-    fold_pass = FoldSplitConvConcat()
+    # "always": the fuzz checks the MixConv embedding; test_passes_fold_cost checks the cost.
+    fold_pass = FoldSplitConvConcat(mixconv="always")
     fold_pass(ir_model)
     return ir.serde.serialize_model(ir_model), fold_pass
 

@@ -174,6 +174,21 @@ def _no_run_left():
     return _model(b, [outs[0], b.op("Relu", [parts[1]]), outs[1]], {"X": 3 * C})
 
 
+def test_run_output_used_elsewhere_folds_and_the_user_reads_a_slice(ort_equal):
+    """Issue #11 item 4: the extra consumer reads a Slice of the run's grouped output."""
+    before = _run_value_used_elsewhere()
+    result, fold = run_fold(before)
+    assert result.modified is True, fold.skips
+    (rewrite,) = fold.rewrites
+    assert "branch output(s) 1 also used elsewhere: read from a Slice" in rewrite.summary
+    extra = next(n for n in result.model.graph if n.outputs[0].name == "Extra")
+    part = extra.inputs[0].producer()
+    assert part.op_type == "Slice" and part.inputs[0].producer().op_type == "Conv"
+    assert [n.op_type for n in result.model.graph].count("Conv") == 1
+    onnx.checker.check_model(ir.serde.serialize_model(result.model), full_check=True)
+    ort_equal(before, result.model)
+
+
 def _run_value_used_elsewhere():
     b = GraphBuilder(8)
     runs = _branches(b, "X", 2)
@@ -188,7 +203,6 @@ def _run_value_used_elsewhere():
     [
         pytest.param(_no_run_left, "Concat input 1 is not produced by a Conv branch",
                      id="foreign-input-between-two-branches"),
-        pytest.param(_run_value_used_elsewhere, "also used by", id="run-output-used-elsewhere"),
     ],
 )  # fmt: skip
 def test_no_foldable_run_leaves_the_model_alone(build, reason, ort_equal):

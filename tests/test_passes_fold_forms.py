@@ -131,11 +131,14 @@ MIXCONV = [
 
 @pytest.mark.parametrize(("block", "weight_shape", "dilations"), MIXCONV)
 def test_mixconv(block, weight_shape, dilations, ort_equal):
+    """The embedding itself: folded with mixconv="always" (the cost decision has its own tests
+    in test_passes_fold_cost.py)."""
     proto = block_model(**block)
     group = block.get("n", 2) * block.get("group", 1)
     _, fold_pass, conv = assert_folds(
-        proto, ort_equal, group=group, weight_shape=weight_shape, activation=block.get("activation")
-    )
+        proto, ort_equal, group=group, weight_shape=weight_shape,
+        activation=block.get("activation"), mixconv="always",
+    )  # fmt: skip
     kernel = weight_shape[2:]
     assert list(conv.attributes["kernel_shape"].as_ints()) == kernel
     assert list(conv.attributes["dilations"].as_ints()) == dilations

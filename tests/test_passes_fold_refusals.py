@@ -233,12 +233,6 @@ REFUSALS = [
         lambda: block_model(concat_axis=-1), "Concat is on axis 3", {}, id="concat-on-last-axis"
     ),
     pytest.param(
-        lambda: _extra_consumer(),
-        "also used by ['other_user']",
-        {},
-        id="conv-output-second-consumer",
-    ),
-    pytest.param(
         lambda: _extra_consumer(1, batch_norm=True, activation="Relu"),
         "also used by ['other_user']",
         {},
@@ -249,12 +243,6 @@ REFUSALS = [
         "also used by ['other_user']",
         {},
         id="conv-output-under-bn-second-consumer",
-    ),
-    pytest.param(
-        lambda: _extra_consumer(as_output=True),
-        "is also a graph output",
-        {},
-        id="branch-is-graph-output",
     ),
     pytest.param(
         lambda: _extra_consumer(1, as_output=True, activation="Relu"),
