@@ -260,6 +260,28 @@ def test_classifier_matmul_runs_vectors_along_outputs(k, n, trans_b, expected):
     assert_close(out, ref, F32)
 
 
+def test_channel_shuffle_and_sum_are_inlined_into_one_pass():
+    """ShuffleNet's Relu -> Reshape -> Transpose -> Reshape, and ONNX Sum (which the importer
+    writes broadcast -> stack -> sum): one block each after inlining, same numbers."""
+    shape = [1, 12, 5, 7]
+    nodes = [
+        helper.make_node("Relu", ["X"], ["R"]),
+        helper.make_node("Reshape", ["R", "s5"], ["G"]),
+        helper.make_node("Transpose", ["G"], ["T"], perm=[0, 2, 1, 3, 4]),
+        helper.make_node("Reshape", ["T", "s4"], ["S"]),
+        helper.make_node("Sum", ["S", "X"], ["Y"]),
+    ]
+    inits = [init("s5", np.array([1, 3, 4, 5, 7], np.int64)), init("s4", np.array(shape, np.int64))]
+    model = make_model(
+        nodes, [tensor_info("X", shape)], [helper.make_tensor_value_info("Y", F32, shape)], inits
+    )
+    vm, decisions = compile_cpu(model)
+    assert any("block(s) inlined" in d.detail for d in decisions), [d.line() for d in decisions]
+    assert all(d.schedule == "llvm-fallback" for d in decisions), [d.line() for d in decisions]
+    out, ref = run_both(model, random_feeds(model, seed=10), vm)
+    assert_close(out, ref, F32)
+
+
 # ------------------------------------------------------------------------------- CUDA (build only)
 
 
