@@ -12,6 +12,11 @@ import dataclasses
 import numpy as np
 import onnx_ir as ir
 
+from ._activations import (
+    activation_input,
+    check_same_activation,
+    silu_parts,
+)
 from ._common import (
     CONV_OPS,
     NODE,
@@ -37,15 +42,6 @@ from ._fold_quant import (
 from ._geometry import ConvGeometry
 from ._quant import QuantConst, join, qlinear_weight, read_dequantized
 from ._shapes import ShapeFacts
-
-# Unary elementwise ops that act on each element alone, so f(concat(a, b)) == concat(f(a), f(b)).
-ELEMENTWISE_ACTIVATIONS = frozenset(
-    {
-        "Relu", "LeakyRelu", "Sigmoid", "Tanh", "Clip", "HardSwish", "HardSigmoid", "Elu",
-        "Selu", "Celu", "Softplus", "Softsign", "Mish", "Gelu", "ThresholdedRelu", "Abs",
-        "Neg", "Exp", "Erf", "Identity",
-    }
-)  # fmt: skip
 
 # (conv, batch_norm, activation, [output Q, output DQ])
 Chain = tuple[ir.Node, "ir.Node | None", "ir.Node | None", "list[ir.Node]"]
@@ -214,7 +210,7 @@ def _match_block(
     window = _check_ranges(branches)
     channels = _source_channels(branches, facts)
     embed = _check_conv_attributes(branches, mixconv)
-    _check_same_activation(branches)
+    check_same_activation([b.activation for b in branches])
     block = Block(run, branches, source, window, channels, embed, shared=shared)
     _check_quantization(block, rank, opset)
     return block
@@ -259,13 +255,10 @@ def branch_chain(value: ir.Value) -> Chain | None:
         value = pair[0].inputs[0]
     node = value.producer()
     activation = batch_norm = None
-    if (
-        node is not None
-        and node.domain in ("", "ai.onnx")
-        and node.op_type in ELEMENTWISE_ACTIVATIONS
-    ):
+    moved = activation_input(node)
+    if moved is not None:
         activation = node
-        node = node.inputs[0].producer() if node.inputs and node.inputs[0] is not None else None
+        node = moved.producer()
     if is_onnx_op(node, "BatchNormalization"):
         batch_norm = node
         node = node.inputs[0].producer() if node.inputs[0] is not None else None
@@ -329,19 +322,19 @@ def _check_single_use(value: ir.Value, concat: ir.Node, label: str) -> bool:
     except the branch's output itself: return True when it is also used elsewhere (or is a
     graph output), which the fold serves from a Slice of the grouped output."""
     current = value
-    consumer = concat
+    consumers: tuple[ir.Node, ...] = (concat,)  # SiLU's input feeds its Mul and its Sigmoid
     shared = False
     while True:
         uses = list(current.uses())
-        others = sorted({node_label(u.node) for u in uses if u.node is not consumer})
-        mine = sum(1 for u in uses if u.node is consumer)
-        if current is value and mine == 1:
+        others = sorted({node_label(u.node) for u in uses if u.node not in consumers})
+        mine = sorted(id(u.node) for u in uses if u.node in consumers)
+        if current is value and len(mine) == 1:
             shared = bool(others) or current.is_graph_output()
         else:
             if current.is_graph_output():
                 raise Refusal(f"{label}: '{current.name}' is also a graph output",
                               current.producer())  # fmt: skip
-            if len(uses) != 1 or uses[0].node is not consumer:
+            if others or mine != sorted(id(c) for c in consumers):
                 detail = f"also used by {others}" if others else "used more than once by the Concat"
                 raise Refusal(f"{label}: '{current.name}' is {detail}", current.producer())
         producer = current.producer()
@@ -350,8 +343,14 @@ def _check_single_use(value: ir.Value, concat: ir.Node, label: str) -> bool:
         for extra in producer.outputs[1:]:
             if extra.uses() or extra.is_graph_output():
                 raise Refusal(f"{label}: {NODE} has other outputs in use", producer)
-        consumer = producer
-        current = producer.inputs[0]
+        silu = silu_parts(producer)
+        if silu is not None:
+            gate = silu[1].outputs[0]  # the Sigmoid's output feeds only this Mul
+            if gate.is_graph_output() or [u.node for u in gate.uses()] != [producer]:
+                raise Refusal(f"{label}: '{gate.name}' is also used elsewhere", silu[1])
+            consumers, current = (producer, silu[1]), silu[0]
+        else:
+            consumers, current = (producer,), producer.inputs[0]
 
 
 def _locate_channels(branch: Branch, index: int, rank: int, facts: ShapeFacts) -> None:
@@ -566,26 +565,3 @@ def _is_centred_same(attrs: ConvAttrs) -> bool:
     return all(
         attrs.pads[a] == attrs.pads[a + rank] == (effective[a] - 1) // 2 for a in range(rank)
     )
-
-
-def _check_same_activation(branches: list[Branch]) -> None:
-    signatures = []
-    for branch in branches:
-        act = branch.activation
-        if act is None:
-            signatures.append(None)
-            continue
-        attrs = tuple(sorted((k, repr(a.value)) for k, a in act.attributes.items()))
-        extras = []
-        for value in act.inputs[1:]:
-            if value is None:
-                extras.append(None)
-                continue
-            array = const_array(value)
-            if array is None:
-                raise Refusal(f"{NODE}: activation parameter '{value.name}' is not constant", act)
-            extras.append((array.dtype.str, array.tobytes()))
-        signatures.append((act.op_type, act.domain, attrs, tuple(extras)))
-    if len(set(signatures)) > 1:
-        kinds = [s[0] if s else "none" for s in signatures]
-        raise Refusal(f"branches end in different activations {kinds}")

@@ -36,7 +36,8 @@ when they share their x and y scales and zero points.
 
 Folds when:
     * every Concat input (of the run) is a Conv (or ConvTranspose) branch, optionally followed
-      by an inference BatchNormalization and/or one elementwise activation, each value inside
+      by an inference BatchNormalization and/or one elementwise activation (SiLU written as
+      ``Mul(v, Sigmoid(v))`` counts as one, see :mod:`._activations`), each value inside
       the branch used once; the branch's output may also be used elsewhere (or be a graph
       output): those users then read a Slice of the grouped output, under the output's name
       (this always pays: 1 + S nodes run instead of N + 2, copying at most what the Concat
@@ -76,6 +77,7 @@ import math
 import numpy as np
 import onnx_ir as ir
 
+from ._activations import ELEMENTWISE_ACTIVATIONS, activation_after, activation_name
 from ._common import (
     Refusal,
     add_constant,
@@ -88,7 +90,7 @@ from ._common import (
 )
 from ._driver import AnchoredPass, Scope
 from ._fold_cost import Estimate, FoldCost, check_mode, estimate, refuse_unless_it_pays
-from ._fold_match import ELEMENTWISE_ACTIVATIONS, Block, Branch, FoldMatch, match_concat
+from ._fold_match import Block, Branch, FoldMatch, match_concat
 from ._fold_quant import apply_pairs, data_input
 from ._quant import QuantConst, add_dequantized, join
 from ._shapes import ShapeFacts
@@ -238,10 +240,10 @@ class FoldSplitConvConcat(AnchoredPass):
             like = _run_value(concat, block.run, first.geometry.out_channels * len(block.branches))
         activation = first.activation
         if activation is not None:
-            new_act = _activation_after(activation, result, like, scope, conv.name)
-            new_nodes.append(new_act)
-            result = new_act.outputs[0]
-            notes.append(f"{activation.op_type} moved after the grouped {op_type}")
+            moved = activation_after(activation, result, like, scope, conv.name)
+            new_nodes.extend(moved)
+            result = moved[-1].outputs[0]
+            notes.append(f"{activation_name(activation)} moved after the grouped {op_type}")
         if block.output_params:  # the branches' output Q/DQ, joined
             widths = [b.geometry.out_channels for b in block.branches]
             if result.name is None:
@@ -420,24 +422,6 @@ def _insert_channel_slice(
     node.outputs[0].name = names.fresh(f"{base}_out")
     scope.graph.insert_before(before, node)
     return node.outputs[0]
-
-
-def _activation_after(
-    activation: ir.Node, conv_out: ir.Value, like: ir.Value, scope: Scope, base: str
-) -> ir.Node:
-    """A copy of the branches' ``activation`` applied to the grouped Conv's output."""
-    conv_out.name = scope.names.fresh(f"{base}_out")
-    conv_out.type = like.type
-    conv_out.shape = like.shape
-    return ir.node(
-        activation.op_type,
-        [conv_out, *activation.inputs[1:]],
-        attributes=dict(activation.attributes),
-        name=scope.names.fresh(f"{base}_{activation.op_type.lower()}"),
-        domain=activation.domain,
-        version=activation.version,
-        num_outputs=1,
-    )
 
 
 def _run_value(concat: ir.Node, run: range, channels: int) -> ir.Value:
