@@ -14,6 +14,8 @@ Exactness, and what each test asserts:
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import ml_dtypes
 import numpy as np
 import onnx
@@ -23,7 +25,7 @@ from builders import make_model, rng, tensor_info
 from gconv_compile.passes import ExpandGroupedConv
 from onnx import TensorProto, helper, numpy_helper
 
-from gconv_compile.reference import run_ort_model
+from gconv_compile.reference import concrete_input_shapes, random_inputs, run_ort_model
 
 CHANNELS, GROUP, OUT, SPATIAL = 8, 4, 8, (5, 5)
 
@@ -266,3 +268,41 @@ def test_conv_integer_expands_bit_identical(mode):
     for a, b in zip(before, after):  # integer sums: exact
         assert np.std(a["Y"]) > 0
         np.testing.assert_array_equal(a["Y"], b["Y"])
+
+
+# ------------------------------------------------------------ real int8 exports (quantize_static)
+
+REAL = Path(__file__).parent / "fixtures" / "real"
+REAL_INT8 = sorted(p.name for p in REAL.glob("*_q*.onnx"))
+
+
+def real_outputs(model: ir.Model, reference: ir.Model, seeds=(0, 1)) -> list[dict]:
+    """Outputs of ``model`` on seeded inputs made for ``reference`` (its symbolic batch: 2)."""
+    shapes = concrete_input_shapes(reference, None)
+    feeds = [random_inputs(reference, seed, shapes) for seed in seeds]
+    return run_ort_model(model, feeds)
+
+
+def assert_real_bit_identical(proto: onnx.ModelProto, after: ir.Model) -> None:
+    reference = ir.serde.deserialize_model(proto)
+    before = real_outputs(reference, reference)
+    for a, b in zip(before, real_outputs(after, reference)):
+        for name, value in a.items():
+            assert np.std(value) > 0, name
+            np.testing.assert_array_equal(value, b[name], err_msg=name)
+
+
+@pytest.mark.parametrize("mode", ["split", "dense"])
+@pytest.mark.parametrize("name", [n for n in REAL_INT8 if not n.startswith("resnext_chunk")])
+def test_real_int8_exports_expand_bit_identical(name, mode):
+    """Every grouped (and depthwise) conv of quantize_static's QDQ and QOperator files."""
+    proto = onnx.load(REAL / name)
+    result, expand = _expand(proto, mode=mode)
+    assert result.modified is True and not expand.skips, expand.skips
+    assert not [n for n in result.model.graph if _group(n) > 1]
+    assert_real_bit_identical(proto, result.model)
+
+
+def _group(node) -> int:
+    attr = node.attributes.get("group")
+    return attr.as_int() if attr is not None else 1

@@ -21,8 +21,10 @@ from test_quantized_expand import (
     CHANNELS,
     GROUP,
     OUT,
+    REAL,
     SPATIAL,
     _outputs,
+    assert_real_bit_identical,
     qdq_grouped_conv,
     qlinear_grouped_conv,
 )
@@ -215,3 +217,22 @@ def test_qlinearconv_branches_with_different_output_scales_are_refused():
     assert "different output scales or zero points" in skip.reason
     for a, b in zip(before, _outputs(model)):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize(
+    "name",
+    sorted(
+        p.name
+        for p in REAL.glob("*_qdq_p*.onnx")
+        if p.name.startswith(("resnext_chunk", "shufflenet_v1"))
+    ),
+)
+def test_real_qdq_exports_fold_bit_identical(name):
+    """quantize_static's QDQ ResNeXt (chunk) and ShuffleNet v1: every block folds, exactly."""
+    proto = onnx.load(REAL / name)
+    model = ir.serde.deserialize_model(proto)
+    fold = FoldSplitConvConcat()
+    assert fold(model).modified is True and not fold.skips, fold.skips
+    assert len(fold.rewrites) == (1 if name.startswith("resnext") else 4)
+    onnx.checker.check_model(ir.serde.serialize_model(model), full_check=False)
+    assert_real_bit_identical(proto, model)
