@@ -118,7 +118,10 @@ def _candidates(conv: ConvInfo):
                     continue
                 for cols in (c for c in _divisors(conv.out_w) if c % x_t == 0):
                     for rows in _divisors(conv.out_h):
-                        yield from _with_stages(conv, CudaTile(f_tile, f_t, rows, cols, x_t, cg))
+                        tile = CudaTile(f_tile, f_t, rows, cols, x_t, cg)
+                        if tile.threads > MAX_THREADS:
+                            break  # more rows only add threads
+                        yield from _with_stages(conv, tile)
 
 
 def _with_stages(conv: ConvInfo, tile: CudaTile):
@@ -134,6 +137,8 @@ def _with_stages(conv: ConvInfo, tile: CudaTile):
 
     for k_split in (d for d in _divisors(cg) if d <= 32):
         split = CudaTile(tile.f_tile, tile.f_t, tile.rows, tile.cols, tile.x_t, cg, k_split)
+        if split.threads > MAX_THREADS:
+            break
         if fits(split):
             yield split
     if tile.f_tile > conv.out_per_group:
