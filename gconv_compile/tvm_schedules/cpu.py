@@ -55,6 +55,7 @@ class CpuTile:
     y_reg: int  # output rows per register tile (not for 1x1 stride-1 convs)
     x_reg: int  # pixel steps per register tile (vectors of them in 'pixel' form)
     block: int  # register tiles per L2 block along rows (or flattened pixels)
+    split_columns: bool = False  # stride-2 input padded into even and odd columns (contiguous)
 
     @property
     def pixels(self) -> int:
@@ -64,10 +65,11 @@ class CpuTile:
     def describe(self) -> str:
         acc = self.f_reg * self.y_reg * self.x_reg
         along = "pixels" if self.form == "pixel" else "output channels"
+        split = "; input columns split even/odd" if self.split_columns else ""
         return (
             f"{self.form} form: {self.vector}-wide vectors along {along}, "
             f"{acc} accumulators ({self.f_reg} ch x {self.y_reg} row x {self.x_reg} col), "
-            f"{self.lanes} lanes"
+            f"{self.lanes} lanes{split}"
         )
 
 
@@ -121,6 +123,25 @@ def _lane_use(vector: int, lanes: int) -> float:
     return vector / lanes
 
 
+def _can_split_columns(conv: ConvInfo, padded_width: int | None) -> bool:
+    """A stride-2 depthwise conv padding its own input can pad it into even and odd columns.
+
+    Its pixel vectors then load contiguous columns instead of gathering every other one. Only
+    depthwise convs (the others have the channel form, which needs no gather), and only for
+    output rows of at most 8: measured one thread on the AVX-512 EPYC of issue #14, the split
+    took 576@14x14 from 48 to 27 us, but 192@28x28 from 54 to 109 us and 96@112x112 from 420
+    to 770 us (writing the split panel costs more than the gather saves on long rows).
+    """
+    return (
+        conv.kind == "depthwise"
+        and conv.out_w <= 8
+        and conv.stride[1] == 2
+        and conv.dilation[1] == 1
+        and padded_width is not None
+        and padded_width % 2 == 0
+    )
+
+
 def _row_vector(row_len: int, lanes: int, pow2: int) -> int:
     """A vector that divides a row (7, 14, 28 pixels; 196 for a 14x14 1x1 conv) better than
     its power-of-two divisor.
@@ -156,11 +177,18 @@ def _best_register_tile(budget: int, f_opts: list[int], x_opts: list[int], y_opt
 
 
 def choose_tile(
-    conv: ConvInfo, lanes: int, registers: int, *, can_pack: bool, form: str | None = None
+    conv: ConvInfo,
+    lanes: int,
+    registers: int,
+    *,
+    can_pack: bool,
+    form: str | None = None,
+    padded_width: int | None = None,
 ) -> CpuTile:
     """Pick the form and the register tile for ``conv`` (a static model, no measurement).
 
     ``form`` ('pixel' or 'channel') restricts the choice where that form applies (for tests).
+    ``padded_width``: the width of the conv's own padded input, when it pads.
     """
     budget = registers - 6  # room for the input vector, broadcasts and addresses
     pointwise = conv.is_pointwise
@@ -187,8 +215,10 @@ def choose_tile(
         if tile:
             score, f, y, x = tile
             # strided convs gather their pixel vectors element by element
-            use = _lane_use(x_vec, lanes) / (2 * conv.stride[1] if conv.stride[1] > 1 else 1)
-            candidates.append((use, score, CpuTile("pixel", lanes, x_vec, f, y, x, 1)))
+            split = _can_split_columns(conv, padded_width)
+            gather = conv.stride[1] > 1 and not split
+            use = _lane_use(x_vec, lanes) / (2 * conv.stride[1] if gather else 1)
+            candidates.append((use, score, CpuTile("pixel", lanes, x_vec, f, y, x, 1, split)))
     f_vec = _pow2_divisor(conv.out_per_group, lanes)
     if can_pack and f_vec >= 4:
         f_opts = _divisors(conv.out_per_group // f_vec, 4)
@@ -224,7 +254,8 @@ def _with_block(conv: ConvInfo, tile: CpuTile) -> CpuTile:
         )
     fits = [b for b in _divisors(units) if b * unit_bytes <= L2_PANEL_BYTES]
     block = max(fits) if fits else 1
-    return CpuTile(tile.form, tile.lanes, tile.vector, tile.f_reg, tile.y_reg, tile.x_reg, block)
+    return CpuTile(tile.form, tile.lanes, tile.vector, tile.f_reg, tile.y_reg, tile.x_reg, block,
+                   tile.split_columns)  # fmt: skip
 
 
 @dataclass
@@ -266,7 +297,13 @@ def schedule_conv(
         return None, "", conv, None
     lanes, registers = vector_lanes(target)
     can_pack = conv.weight_is_param and conv.weight_param in constant_params
-    tile = choose_tile(conv, lanes, registers, can_pack=can_pack, form=form)
+    padded_width = None
+    if conv.pad_block is not None and not conv.pad_is_identity:
+        shape = sch.get(conv.pad_block).writes[0].source.shape
+        padded_width = int(shape[3]) if isinstance(shape[3], tirx.IntImm) else None
+    tile = choose_tile(
+        conv, lanes, registers, can_pack=can_pack, form=form, padded_width=padded_width
+    )
     try:
         packing = _apply(sch, conv, tile)
     except Exception as err:  # noqa: BLE001 - TVM raises many kinds; the conv stays unscheduled
@@ -282,6 +319,10 @@ def _apply(sch: s_tir.Schedule, conv: ConvInfo, tile: CpuTile) -> Packing | None
         sch.compute_inline(conv.pad_block)
     epilogue = single_epilogue(sch, conv)
     packing = _set_layouts(sch, conv, tile, epilogue)
+    if tile.split_columns and tile.form == "pixel":
+        sch.transform_layout(
+            conv.pad_block, ("write", 0), lambda n, c, y, x: (n, c, y, x % 2, x // 2)
+        )
     n, f, y, x, rc, ry, rx = sch.get_loops(block)
     if tile.form == "pixel":
         f_o, f_r = sch.split(f, [None, tile.f_reg])
@@ -390,7 +431,9 @@ def _schedule_pad(sch: s_tir.Schedule, pad: s_tir.schedule.SBlockRV, task) -> No
 
     One conditional pass, not ``decompose_padding``'s zero fill of the whole panel plus a copy:
     the fill writes every element twice, which cost strided convs (whose panels are 4x their
-    output) 2-7% of their time on an AVX-512 Zen 4, and stride-1 convs nothing measurable.
+    output) 2-7% of their time on an AVX-512 Zen 4, and stride-1 convs nothing measurable (and
+    depthwise convs on the AVX-512 EPYC of issue #14, measured one thread: -20% at 112x112
+    stride 2, +40% at 56x56 stride 2, +15% at 56x56 stride 1).
     """
     try:
         sch.compute_at(pad, task, preserve_unit_loops=True)
