@@ -277,6 +277,11 @@ def markdown(report: dict) -> str:
     return "\n".join(rows) + "\n"
 
 
+def write_results(report: dict, out: Path) -> None:
+    (out / "gpu_results.json").write_text(json.dumps(report, indent=1) + "\n")
+    (out / "gpu_results.md").write_text(markdown(report))
+
+
 def device_name(torch_ref) -> str:
     if torch_ref is not None:
         return torch_ref.torch.cuda.get_device_name(0)
@@ -334,17 +339,20 @@ def main(argv: list[str] | None = None) -> int:
               "date": time.strftime("%Y-%m-%d %H:%M %Z"), "runs": runs, "warmup": warmup,
               "copy_gbps": copy, "arch": manifest["arch"], "torch_tf32": False, "models": []}  # fmt: skip
     print(f"gpu_run {report['mode']}: {report['device']}; copy {copy:.1f} GB/s", flush=True)
+    started = time.perf_counter()
     for row in rows:
         result = run_model(row, args, torch_ref, timer, copy)
+        result["elapsed_s"] = round(time.perf_counter() - started, 1)
         report["models"].append(result)
         print(line(result), flush=True)
+        write_results(report, args.out)  # a run stopped by the time limit keeps what it did
     report["cuda_build_errors"] = {f"{r['name']}.{r['dtype']}": r["cuda_build_error"]
                                    for r in rows if r.get("cuda_build_error")}  # fmt: skip
     if args.rehearse and report["cuda_build_errors"]:
         print(f"gpu_run: note: the kit's build could not compile {len(report['cuda_build_errors'])}"
               f" CUDA librar(y/ies), which fail on the GPU: {', '.join(report['cuda_build_errors'])}")  # fmt: skip
-    (args.out / "gpu_results.json").write_text(json.dumps(report, indent=1) + "\n")
-    (args.out / "gpu_results.md").write_text(markdown(report))
+    report["wall_s"] = round(time.perf_counter() - started, 1)
+    write_results(report, args.out)
     failed = [f"{r['name']}.{r['dtype']}" for r in report["models"] if not r["passed"]]
     print(f"gpu_run: {len(rows) - len(failed)}/{len(rows)} correct"
           + (f"; FAILED: {', '.join(failed)}" if failed else "") + f"; wrote {args.out}/gpu_results.json")  # fmt: skip

@@ -29,6 +29,16 @@ export GCONV_TVM_RUNTIME_DIR="$KIT/runtime"
 export PIP_NO_INDEX=1
 # tvm-ffi would otherwise JIT-compile a torch DLPack add-on at import (a C++ build, minutes).
 export TVM_FFI_DISABLE_TORCH_C_DLPACK=1
+# The GPU slot is short: stop at GPU_KIT_TIMEOUT seconds (default 340, under the 6 minutes);
+# gpu_run.py writes its results after every model, so a stopped run keeps what it measured.
+LIMIT="${GPU_KIT_TIMEOUT:-340}"
 status=0
-"$PYTHON" "$KIT/kit/gpu_run.py" "$@" || status=$?
+if command -v timeout >/dev/null 2>&1; then
+    timeout "$LIMIT" "$PYTHON" "$KIT/kit/gpu_run.py" "$@" || status=$?
+else
+    "$PYTHON" "$KIT/kit/gpu_run.py" "$@" || status=$?
+fi
+if [ "$status" -eq 124 ]; then
+    echo "run.sh: stopped after $LIMIT s (GPU_KIT_TIMEOUT); the models run so far are in the results" >&2
+fi
 exit "$status"
