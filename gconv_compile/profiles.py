@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from gconv_compile.errors import UserError
-from gconv_compile.passes._fold_cost import FoldCost
+from gconv_compile.passes import FoldCost
 
 EXPANSIONS = ("split", "dense")
 

@@ -27,13 +27,14 @@ import onnx_ir as ir
 
 from gconv_compile.errors import UserError
 from gconv_compile.passes import (
+    MIXCONV_MODES,
     ExpandGroupedConv,
+    FoldCost,
     FoldSliceBounds,
     FoldSplitConvConcat,
     ResolveConvTransposeOutputShape,
 )
 from gconv_compile.passes._common import const_array
-from gconv_compile.passes._fold_cost import MIXCONV_MODES, FoldCost
 from gconv_compile.passes.expand_grouped_conv import MODES
 from gconv_compile.profiles import Profile, load_profile
 

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 from ._common import Rewrite, Skip
+from ._fold_cost import MIXCONV_MODES, FoldCost
 from ._geometry import ConvGeometry
 from .expand_grouped_conv import ExpandGroupedConv
 from .fold_slice_bounds import FoldSliceBounds
@@ -15,8 +16,10 @@ from .resolve_conv_transpose_output_shape import ResolveConvTransposeOutputShape
 __all__ = [
     "ConvGeometry",
     "ExpandGroupedConv",
+    "FoldCost",
     "FoldSliceBounds",
     "FoldSplitConvConcat",
+    "MIXCONV_MODES",
     "PASSES",
     "ResolveConvTransposeOutputShape",
     "Rewrite",

@@ -23,6 +23,7 @@ import gconv_compile
 FIXTURES = Path(__file__).parent / "fixtures" / "real"
 MANIFEST = json.loads((FIXTURES / "manifest.json").read_text())["fixtures"]
 COMMANDS = ("optimize", "expand", "generic-npu")
+CONVS = ("Conv", "ConvTranspose", "QLinearConv", "ConvInteger")
 
 _MIXCONV_SLOWER = (
     "manifest expects the MixConv fold, but mixconv='auto' (the default, issue #11 item 4) "
@@ -45,9 +46,25 @@ WRONG_EXPECTATIONS = {
 
 def _run(path: Path, command: str):
     if command == "expand":
-        return gconv_compile.expand(path)[1]
+        return gconv_compile.expand(path)
     target = "generic-npu" if command == "generic-npu" else None
-    return gconv_compile.optimize(path, target=target)[1]
+    return gconv_compile.optimize(path, target=target)
+
+
+def _grouped_left(model) -> list[str]:
+    """Convs (float or quantized) still grouped and not depthwise (one input channel a group)."""
+    left = []
+    for node in model.graph:
+        group = node.attributes.get("group")
+        if node.op_type not in CONVS or group is None or group.as_int() == 1:
+            continue
+        weight = node.inputs[3 if node.op_type == "QLinearConv" else 1]
+        if weight.producer() is not None and weight.producer().op_type == "DequantizeLinear":
+            weight = weight.producer().inputs[0]  # a QDQ weight: its integers' shape
+        shape = weight.const_value.shape if weight.const_value is not None else weight.shape
+        if shape is None or shape[1] != 1:
+            left.append(node.name)
+    return left
 
 
 def _count(report, prefix: str) -> int:
@@ -79,7 +96,7 @@ def _cases():
 @pytest.mark.parametrize(("name", "command"), list(_cases()))
 def test_fixture_verdict(name, command):
     expected = MANIFEST[name]["expected"]
-    report = _run(FIXTURES / name, command)
+    model, report = _run(FIXTURES / name, command)
     if report.rewrites:  # nothing rewritten: nothing to check
         assert report.check is not None and report.check.passed
     if command == "optimize":
@@ -95,3 +112,4 @@ def test_fixture_verdict(name, command):
     else:
         assert _count(report, "fold") == 0
         assert _count(report, "expand") == expected["generic_npu_splits"]
+        assert _grouped_left(model) == [], "generic-npu leaves only depthwise grouped convs"
