@@ -73,7 +73,7 @@ def output_pair(value: ir.Value) -> tuple[ir.Node, ir.Node] | None:
 
 def input_nodes(conv: ir.Node) -> list[ir.Node]:
     """The [Q] DQ nodes between a Conv and the Split/Slice part it reads, outermost first."""
-    if conv.op_type != "Conv" or not conv.inputs or conv.inputs[0] is None:
+    if conv.op_type not in ("Conv", "ConvTranspose") or not conv.inputs or conv.inputs[0] is None:
         return []
     dq = conv.inputs[0].producer()
     if not is_onnx_op(dq, "DequantizeLinear") or dq.inputs[0] is None:

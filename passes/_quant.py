@@ -153,8 +153,12 @@ def qlinear_weight(conv: ir.Node) -> QuantConst:
     if any(a is None for a in arrays):
         raise Refusal(f"weight, scale or zero point of {NODE} is not a constant", conv)
     values, scale, zero_point = arrays
-    axis = 0 if scale.size > 1 else None
-    return QuantConst(values, scale, zero_point, axis)
+    if scale.size == 1 and zero_point.size == 1:
+        return QuantConst(values, scale.reshape(()), zero_point.reshape(()), None)
+    rows = values.shape[0]  # per output channel (one of the two may be a single value)
+    scale = np.broadcast_to(scale.reshape(-1), (rows,)).copy()
+    zero_point = np.broadcast_to(zero_point.reshape(-1), (rows,)).copy()
+    return QuantConst(values, scale, zero_point, 0)
 
 
 def join(parts: list[QuantConst], what: str) -> QuantConst:

@@ -95,7 +95,7 @@ from ._common import (
     take_over_value,
 )
 from ._driver import AnchoredPass, Match, Scope
-from ._geometry import CONV, ConvGeometry, block_diagonal_weight
+from ._geometry import ConvGeometry, block_diagonal_weight
 from ._quant import (
     QuantConst,
     add_dequantized,
@@ -413,7 +413,7 @@ def _per_tensor_dequantize(conv: ir.Node) -> ir.Node | None:
     that QDQ consumers look for.
     """
     source = conv.inputs[0]
-    node = source.producer() if conv.op_type == CONV else None
+    node = source.producer() if conv.op_type in CONV_OPS else None
     if not is_onnx_op(node, "DequantizeLinear") or attr_int(node, "block_size", 0):
         return None
     params = [const_array(v) if v is not None else None for v in node.inputs[1:3]]

@@ -52,10 +52,16 @@ def _t(name, array):
     return numpy_helper.from_array(np.asarray(array), name)
 
 
-def qdq_grouped_conv(*, dtype=np.int8, axis=0, bias=True, opset=17, block_size=0, group=GROUP):
-    """X -> Q -> DQ -> Conv(DQ(w), DQ(b), group) -> Q -> DQ -> Y, seeded random weights."""
+def qdq_grouped_conv(
+    *, dtype=np.int8, axis=0, bias=True, opset=17, block_size=0, group=GROUP, op="Conv"
+):
+    """X -> Q -> DQ -> Conv(DQ(w), DQ(b), group) -> Q -> DQ -> Y, seeded random weights.
+
+    ``op="ConvTranspose"``: weight [C_in, C_out/group, 3, 3], per channel on ``axis`` 1 (its
+    output channels), bias per tensor."""
     r = rng(1)
-    weight = r.standard_normal((OUT, CHANNELS // group, 3, 3)).astype(np.float32)
+    shape = (OUT, CHANNELS // group, 3, 3) if op == "Conv" else (CHANNELS, OUT // group, 3, 3)
+    weight = r.standard_normal(shape).astype(np.float32)
     w, ws, wz = _quantize(weight, dtype, axis)
     inits = [
         _t("w_q", w), _t("w_s", ws), _t("w_z", wz),
@@ -78,11 +84,13 @@ def qdq_grouped_conv(*, dtype=np.int8, axis=0, bias=True, opset=17, block_size=0
     if bias:
         b = r.integers(-500, 500, OUT).astype(np.int32)
         bs = (0.05 * np.asarray(ws, np.float32)).astype(np.float32)
+        if op != "Conv":
+            bs = np.float32(0.002)
         inits += [_t("b_q", b), _t("b_s", bs)]
         nodes.append(helper.make_node("DequantizeLinear", ["b_q", "b_s"], ["bd"], axis=0))
         conv_inputs.append("bd")
     nodes += [
-        helper.make_node("Conv", conv_inputs, ["c"], name="gconv", group=group, pads=[1] * 4),
+        helper.make_node(op, conv_inputs, ["c"], name="gconv", group=group, pads=[1] * 4),
         helper.make_node("QuantizeLinear", ["c", "y_s", "y_z"], ["yq"]),
         helper.make_node("DequantizeLinear", ["yq", "y_s", "y_z"], ["Y"]),
     ]
@@ -143,6 +151,8 @@ QDQ_CASES = {
     "int4-per-channel-opset21": dict(dtype=ml_dtypes.int4, axis=0, opset=21),
     "uint4-per-tensor-opset21": dict(dtype=ml_dtypes.uint4, axis=None, opset=21),
     "depthwise-int8-per-channel": dict(dtype=np.int8, axis=0, group=CHANNELS),
+    "convtranspose-per-output-channel": dict(dtype=np.int8, axis=1, op="ConvTranspose"),
+    "convtranspose-per-tensor": dict(dtype=np.uint8, axis=None, op="ConvTranspose"),
 }
 
 
@@ -153,7 +163,8 @@ def test_qdq_grouped_conv_expands_bit_identical(case, mode):
     result, expand = _expand(proto, mode=mode)
     assert result.modified is True, [s.reason for s in expand.skips]
     graph = result.model.graph
-    convs = [n for n in graph if n.op_type == "Conv"]
+    op = case.get("op", "Conv")
+    convs = [n for n in graph if n.op_type == op]
     group = case.get("group", GROUP)
     assert len(convs) == (group if mode == "split" else 1)
     for conv in convs:
@@ -165,6 +176,8 @@ def test_qdq_grouped_conv_expands_bit_identical(case, mode):
         scale = weight_dq.inputs[1].const_value.numpy()
         if case["axis"] == 0:  # the per-channel scales went with their rows
             assert scale.shape == (values.shape[0],)
+        elif case["axis"] == 1:  # per output channel of a ConvTranspose group: shared, or tiled
+            assert scale.shape == (values.shape[1],)
         else:
             assert scale.size == 1
         if len(conv.inputs) > 2:

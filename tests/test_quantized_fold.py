@@ -169,20 +169,28 @@ def test_qdq_block_refusals(case, reason):
         np.testing.assert_array_equal(a, b)
 
 
-@pytest.mark.parametrize("axis", [0, None], ids=["per-channel", "per-tensor"])
-def test_qdq_round_trip_gives_back_the_grouped_conv(axis):
-    proto = qdq_grouped_conv(axis=axis)
+@pytest.mark.parametrize(
+    "case",
+    [dict(axis=0), dict(axis=None), dict(axis=1, op="ConvTranspose"),
+     dict(axis=None, op="ConvTranspose")],
+    ids=["per-channel", "per-tensor", "convtranspose-per-output-channel",
+         "convtranspose-per-tensor"],
+)  # fmt: skip
+def test_qdq_round_trip_gives_back_the_grouped_conv(case):
+    proto = qdq_grouped_conv(**case)
+    op = case.get("op", "Conv")
     model = ir.serde.deserialize_model(proto)
-    original = next(n for n in model.graph if n.op_type == "Conv")
+    original = next(n for n in model.graph if n.op_type == op)
     weight = [v.const_value.numpy() for v in original.inputs[1].producer().inputs]
     ExpandGroupedConv()(model)
+    assert _ops(model.graph).count(op) == GROUP
     result = FoldSplitConvConcat()(model)
     assert result.modified is True
-    (conv,) = [n for n in model.graph if n.op_type == "Conv"]
+    (conv,) = [n for n in model.graph if n.op_type == op]
     assert conv.attributes["group"].as_int() == GROUP
     folded = [v.const_value.numpy() for v in conv.inputs[1].producer().inputs]
-    for a, b in zip(weight, folded):
-        np.testing.assert_array_equal(a.reshape(b.shape) if a.size == b.size else a, b)
+    for a, b in zip(weight, folded):  # the same integers, scales and zero points
+        np.testing.assert_array_equal(a.reshape(b.shape), b)
     _assert_bit_identical(proto, model)
 
 
