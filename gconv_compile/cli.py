@@ -465,7 +465,8 @@ def _add_bundle(sub) -> None:
         help="write what a machine that only runs a library needs (no TVM compiler)",
         description="Copy a compiled library, its sidecar, weights file and CUDA binaries into "
         "DIR with the loader (DIR/python/gconv_compile: numpy and tvm-ffi only), TVM's runtime "
-        "library (DIR/runtime/libtvm_runtime.so, and libtvm_runtime_cuda.so for CUDA) and the "
+        "library (DIR/runtime/libtvm_runtime.so; for CUDA also libtvm_runtime_cuda.so and "
+        "libcudart.so.13) and the "
         "apache-tvm-ffi wheel for the target's Python (from --wheels, else pip download). "
         "See docs/deployment.md.",
     )

@@ -180,8 +180,8 @@ def write_bundle(
 
     ``OUT/`` gets the library, its sidecar, its weights file and prebuilt CUDA binaries;
     ``OUT/python/gconv_compile/`` the loader; ``OUT/runtime/`` ``libtvm_runtime.so`` (and
-    ``libtvm_runtime_cuda.so`` for a CUDA library) and the tvm-ffi wheel for CPython ``python``
-    on x86-64, from ``wheels`` or downloaded with pip.
+    ``libtvm_runtime_cuda.so`` and ``libcudart.so.13`` for a CUDA library) and the tvm-ffi wheel
+    for CPython ``python`` on x86-64, from ``wheels`` or downloaded with pip.
 
     Raises:
         UserError: A library that does not check out, an output that is not an empty or new
@@ -193,22 +193,41 @@ def write_bundle(
         raise UserError(f"--python {python}: expected MAJOR.MINOR, e.g. 3.12")
     if target.exists() and (not target.is_dir() or any(target.iterdir())):
         raise UserError(f"{target}: exists and is not an empty folder")
-    package, libs = target / "python" / "gconv_compile", target / "runtime"
-    package.mkdir(parents=True)
-    libs.mkdir()
+    target.mkdir(parents=True, exist_ok=True)
     companions = [(entry or {}).get("file") for entry in (info.weights, info.cuda_binary)]
     for name in [source.name, sidecar_path(source).name, *filter(None, companions)]:
         shutil.copy2(source.parent / name, target / name)
-    for name in BUNDLE_MODULES:
+    write_loader(target / "python")
+    write_runtime(target / "runtime", cuda=info.target_kind == "cuda", python=python, wheels=wheels)
+    return sum(p.stat().st_size for p in target.rglob("*") if p.is_file())
+
+
+def write_loader(folder: Path, extra: tuple[str, ...] = ()) -> Path:
+    """``folder/gconv_compile/``: the loader's modules (and ``extra`` ones, numpy-only)."""
+    package = folder / "gconv_compile"
+    package.mkdir(parents=True)
+    for name in (*BUNDLE_MODULES, *extra):
         shutil.copy2(Path(runtime.__file__).parent / name, package / name)
     (package / "__init__.py").write_text(BUNDLE_INIT)
-    shared = ["libtvm_runtime.so"]
-    if info.target_kind == "cuda":
-        shared.append("libtvm_runtime_cuda.so")
-    for name in shared:
-        shutil.copy2(runtime.runtime_dir() / name, libs / name)
-    _bundle_ffi_wheel(libs, python, wheels)
-    return sum(p.stat().st_size for p in target.rglob("*") if p.is_file())
+    return package
+
+
+def write_runtime(
+    folder: Path, *, cuda: bool, python: str, wheels: str | os.PathLike | None
+) -> None:
+    """``folder/``: TVM's runtime library (and its CUDA module and libcudart for ``cuda``) and
+    the tvm-ffi wheel for CPython ``python``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    shared = [runtime.runtime_dir() / "libtvm_runtime.so"]
+    if cuda:
+        shared.append(runtime.runtime_dir() / "libtvm_runtime_cuda.so")
+        cudart = runtime.find_cudart(runtime.runtime_dir())
+        if cudart is None:
+            raise UserError(f"no {runtime.CUDART} here to bundle (set CUDA_PATH to the toolkit)")
+        shared.append(cudart)
+    for path in shared:
+        shutil.copy2(path, folder / path.name)
+    _bundle_ffi_wheel(folder, python, wheels)
 
 
 def _bundle_ffi_wheel(folder: Path, python: str, wheels: str | os.PathLike | None) -> Path:

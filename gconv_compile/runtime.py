@@ -234,26 +234,33 @@ def _has_global(name: str) -> bool:
     return tvm_ffi.get_global_func(name, allow_missing=True) is not None
 
 
+CUDART = "libcudart.so.13"
+
+
+def find_cudart(folder: Path) -> Path | None:
+    """libcudart.so.13 (CUDA 13 runtime): in ``folder``, a pip wheel on sys.path, or CUDA_PATH."""
+    candidates = [folder / CUDART]
+    for entry in sys.path:
+        for sub in ("nvidia/cu13/lib", "nvidia/cuda_runtime/lib"):
+            candidates.append(Path(entry) / sub / CUDART)
+    for root in (os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        if root:
+            candidates += [Path(root) / "lib64" / CUDART, Path(root) / "lib" / CUDART]
+    return next((path for path in candidates if path.is_file()), None)
+
+
 def _load_cudart(folder: Path) -> None:
-    """libtvm_runtime_cuda.so needs libcudart.so.13: from the bundle, a pip wheel or CUDA_PATH."""
-    name = "libcudart.so.13"
-    try:  # already in the process (torch loads its own): use that one, not a second copy
-        _loaded[name] = ctypes.CDLL(name, mode=os.RTLD_NOLOAD | ctypes.RTLD_GLOBAL)
+    """libtvm_runtime_cuda.so needs libcudart.so.13; one already in the process (torch loads
+    its own) is used rather than a second copy."""
+    try:
+        _loaded[CUDART] = ctypes.CDLL(CUDART, mode=os.RTLD_NOLOAD | ctypes.RTLD_GLOBAL)
         return
     except OSError:
         pass
-    candidates = [folder / name]
-    for entry in sys.path:
-        for sub in ("nvidia/cu13/lib", "nvidia/cuda_runtime/lib"):
-            candidates.append(Path(entry) / sub / name)
-    for root in (os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
-        if root:
-            candidates += [Path(root) / "lib64" / name, Path(root) / "lib" / name]
-    for path in candidates:
-        if path.is_file():
-            _load_shared(name, path.parent, ctypes.RTLD_GLOBAL)
-            return
-    raise UserError(f"no {name} (CUDA 13 runtime) in the bundle, a pip wheel or CUDA_PATH")
+    path = find_cudart(folder)
+    if path is None:
+        raise UserError(f"no {CUDART} (CUDA 13 runtime) in the bundle, a pip wheel or CUDA_PATH")
+    _load_shared(CUDART, path.parent, ctypes.RTLD_GLOBAL)
 
 
 def usable_cores() -> list[int]:

@@ -40,16 +40,12 @@ from grouped_models import zoo_model  # noqa: E402
 
 import gconv_compile  # noqa: E402
 from gconv_compile.errors import GconvError  # noqa: E402
-from gconv_compile.runtime import runtime_dir  # noqa: E402
+from gconv_compile.library import write_loader, write_runtime  # noqa: E402
 
 MAX_BYTES = 56 * 1024 * 1024
 ARCH = "sm_90"
-FFI_WHEEL = "apache_tvm_ffi-0.1.14.post1-cp312-cp312-*.whl"
-RUNTIME_LIBS = ("libtvm_runtime.so", "libtvm_runtime_cuda.so")
 KIT_SOURCES = ("gpu_kit/gpu_run.py", "gpu_kit/kit_models.py", "gpu_kit/torch_reference.py",
                "benchmarks/resnext_model.py", "benchmarks/mobilenet_model.py")  # fmt: skip
-RUNTIME_PACKAGE = ("errors.py", "runtime.py", "compare.py")
-PACKAGE_INIT = '"""The runtime subset of gconv-compile: load and run compiled libraries."""\n'
 
 
 @dataclass
@@ -127,34 +123,15 @@ def build_libraries(entry: Entry, libs: Path, models: Path, cuda: bool) -> dict:
     return row
 
 
-def copy_runtime(out: Path, wheels: Path) -> None:
-    """The tvm-ffi cp312 wheel and the TVM runtime libraries (no compiler)."""
-    runtime = out / "runtime"
-    runtime.mkdir()
-    found = sorted(wheels.glob(FFI_WHEEL))
-    if not found:
-        raise SystemExit(
-            f"make_gpu_kit: no {FFI_WHEEL} in {wheels}; `make gpu-kit` downloads it with "
-            "pip download apache-tvm-ffi==0.1.14.post1 --python-version 3.12 --only-binary=:all:"
-        )
-    shutil.copy(found[-1], runtime)
-    for name in RUNTIME_LIBS:
-        shutil.copy(runtime_dir() / name, runtime)
-    cudart = Path(os.environ["CUDA_PATH"]) / "lib" / "libcudart.so.13"
-    if not cudart.is_file():
-        cudart = Path(os.environ["CUDA_PATH"]) / "lib64" / "libcudart.so.13"
-    shutil.copy(cudart, runtime)
-
-
-def copy_sources(out: Path) -> None:
+def copy_sources(out: Path, wheels: Path) -> None:
+    """The runner, the loader and TVM's runtime for CPython 3.12, as ``gconv-compile bundle``
+    writes them."""
     kit = out / "kit"
-    (kit / "gconv_compile").mkdir(parents=True)
+    write_loader(kit, extra=("compare.py",))
     for source in KIT_SOURCES:
         shutil.copy(ROOT / source, kit)
-    for name in RUNTIME_PACKAGE:
-        shutil.copy(ROOT / "gconv_compile" / name, kit / "gconv_compile")
-    (kit / "gconv_compile" / "__init__.py").write_text(PACKAGE_INIT)
     shutil.copy(ROOT / "gpu_kit" / "run.sh", out)
+    write_runtime(out / "runtime", cuda=True, python="3.12", wheels=wheels)
 
 
 def kit_size(out: Path) -> int:
@@ -175,8 +152,11 @@ def main(argv: list[str] | None = None) -> int:
     libs, models = args.out / "libs", args.out / "models"
     libs.mkdir(parents=True)
     models.mkdir()
-    copy_runtime(args.out, args.wheels)
-    copy_sources(args.out)
+    try:
+        copy_sources(args.out, args.wheels)
+    except GconvError as error:
+        print(f"make_gpu_kit: {error}", file=sys.stderr)
+        return 2
     rows = []
     for entry in [e for e in entries() if not args.only or e.name in args.only]:
         print(f"build {entry.stem}", flush=True)
