@@ -224,7 +224,14 @@ def _check_quantization(block: Block, rank: int, opset: int) -> None:
     if len({b.conv.op_type for b in branches}) > 1:
         raise Refusal(f"branches mix {sorted({b.conv.op_type for b in branches})}")
     if branches[0].weight_q is not None:
-        _check_joined([b.weight_q for b in branches], "weights", opset)
+        if block.mixconv and branches[0].weight_q.block_size:
+            raise Refusal("MixConv of blocked-quantized weights: embedding would cut the blocks")
+        weights = [b.weight_q for b in branches]
+        if block.mixconv:  # kernels differ: only the rows matter to the scales
+            weights = [dataclasses.replace(w, values=w.values[(slice(None), slice(None))
+                                                              + (0,) * (w.values.ndim - 2)])
+                       for w in weights]  # fmt: skip
+        _check_joined(weights, "weights", opset)
     if branches[0].conv.op_type == "QLinearConv":
         check_qlinear([b.conv for b in branches])
         return

@@ -17,8 +17,12 @@ What the passes do with one, exactly (no value is ever requantized):
 * a block-diagonal or embedded weight (dense expansion, MixConv): the new positions hold the
   zero point, so they dequantize to exactly 0.
 
-Refused with the reason: a ``DequantizeLinear`` whose inputs are not constants, and blocked
-quantization (``block_size``, opset 21), whose blocks a group boundary can cut.
+Blocked quantization (``block_size``, opset 21) is cut and joined along axis 0 with its
+scales, when the blocks run along another axis, or along axis 0 in whole blocks per group.
+
+Refused with the reason: a ``DequantizeLinear`` whose inputs are not constants, blocks on axis 0
+that a group boundary cuts, and blocked weights where new positions would be needed (dense
+expansion, MixConv).
 """
 
 from __future__ import annotations
@@ -51,6 +55,9 @@ class QuantConst:
     """Axis of a per-axis scale; None: one scale for the whole tensor."""
     attributes: dict = dataclasses.field(default_factory=dict)
     """The DequantizeLinear's other attributes (kept on every rebuilt one)."""
+    block_size: int = 0
+    """Blocked quantization (opset 21): blocks of this many elements along ``axis``, the scale
+    and zero point of the values' rank; 0: per tensor or per axis."""
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -69,15 +76,23 @@ class QuantConst:
             return np.zeros((), self.values.dtype)
         return self._broadcast(self.zero_point)
 
-    def dequantize(self) -> np.ndarray:
-        """The float tensor, as DequantizeLinear computes it (float32 math in the scale type)."""
-        centred = self.values.astype(np.int64) - self.zero_points().astype(np.int64)
-        return (centred.astype(np.float32) * self._broadcast(self.scale).astype(np.float32)).astype(
-            self.scale.dtype
-        )
+    def blocked_reason(self, step: int) -> str | None:
+        """Why the rows cannot be cut every ``step`` rows, or None (blocked quantization)."""
+        if self.block_size and self.axis == 0 and step % self.block_size:
+            return (
+                f"blocked quantization on axis 0 (block_size {self.block_size}) does not align "
+                f"with {step} rows per group"
+            )
+        return None
 
     def rows(self, rows: slice) -> QuantConst:
         """Rows ``rows`` of axis 0, with their own scale and zero point."""
+        if self.block_size:  # the scale has the values' rank: cut it along axis 0 too
+            size = self.block_size if self.axis == 0 else 1
+            params = slice(rows.start // size, -(-rows.stop // size))
+            zero_point = None if self.zero_point is None else self.zero_point[params]
+            return dataclasses.replace(self, values=self.values[rows], scale=self.scale[params],
+                                       zero_point=zero_point)  # fmt: skip
         if self.axis != 0:
             return dataclasses.replace(self, values=self.values[rows])
         zero_point = None if self.zero_point is None else self.zero_point[rows]
@@ -127,23 +142,17 @@ def read_dequantized(value: ir.Value | None, what: str, node: ir.Node) -> QuantC
     ):
         raise Refusal(f"{what} of {NODE} is the DequantizeLinear of a computed tensor", node)
     block = attr_int(producer, "block_size", 0)
-    if block:
-        raise Refusal(
-            f"{what} of {NODE} uses blocked quantization (block_size {block}), whose blocks "
-            "a group boundary can cut; not supported",
-            node,
-        )
     values, scale = arrays[0], arrays[1]
     zero_point = arrays[2] if len(arrays) > 2 else None
     axis = None
-    if scale.size > 1:
+    if block or scale.size > 1:
         axis = attr_int(producer, "axis", 1)
         axis = axis + values.ndim if axis < 0 else axis
     else:  # one scale (also a 1-element 1-D one): per tensor, kept as a scalar
         scale = scale.reshape(())
         zero_point = None if zero_point is None else zero_point.reshape(())
     attributes = {k: a for k, a in producer.attributes.items() if k not in ("axis", "block_size")}
-    return QuantConst(values, scale, zero_point, axis, attributes)
+    return QuantConst(values, scale, zero_point, axis, attributes, block)
 
 
 def qlinear_weight(conv: ir.Node) -> QuantConst:
@@ -168,6 +177,8 @@ def join(parts: list[QuantConst], what: str) -> QuantConst:
     if len(dtypes) > 1:
         raise Refusal(f"{what} are quantized to different types")
     values = np.concatenate([p.values for p in parts], axis=0)
+    if any(p.block_size for p in parts):
+        return _join_blocked(parts, values, what)
     if all(p.axis is None for p in parts) and _same_params(parts):
         return dataclasses.replace(first, values=values)
     if any(p.axis not in (None, 0) for p in parts):
@@ -186,6 +197,20 @@ def join(parts: list[QuantConst], what: str) -> QuantConst:
              for r in rows]
         ).astype(values.dtype)  # fmt: skip
     return dataclasses.replace(first, values=values, scale=scale, zero_point=zero_point, axis=0)
+
+
+def _join_blocked(parts: list[QuantConst], values: np.ndarray, what: str) -> QuantConst:
+    """Blocked parts: their scales and zero points end to end on axis 0 (whole blocks only)."""
+    first = parts[0]
+    if len({(p.block_size, p.axis) for p in parts}) > 1:
+        raise Refusal(f"{what} are quantized in different blocks")
+    if first.axis == 0 and any(p.values.shape[0] % p.block_size for p in parts[:-1]):
+        raise Refusal(f"{what}' blocks on axis 0 do not end where the branches do")
+    zero_point = None
+    if first.zero_point is not None:
+        zero_point = np.concatenate([p.zero_point for p in parts], axis=0)
+    scale = np.concatenate([p.scale for p in parts], axis=0)
+    return dataclasses.replace(first, values=values, scale=scale, zero_point=zero_point)
 
 
 def _same_params(parts: list[QuantConst]) -> bool:
@@ -215,6 +240,8 @@ def add_dequantized(
     attributes = dict(quant.attributes)
     if quant.axis is not None:
         attributes["axis"] = ir.AttrInt64("axis", quant.axis)
+    if quant.block_size:
+        attributes["block_size"] = ir.AttrInt64("block_size", quant.block_size)
     node = ir.node("DequantizeLinear", inputs, attributes=attributes, name=names.fresh(name))
     out = node.outputs[0]
     out.name = names.fresh(f"{name}_dequantized")

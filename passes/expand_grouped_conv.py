@@ -226,6 +226,16 @@ class ExpandGroupedConv(AnchoredPass):
         _check_channels(conv, geometry, bias)
         match = _Match(conv, attrs, geometry, weight, bias, self.mode, None, weight_q, bias_q)
         self._check_options(match)
+        for quant, rows in (
+            (weight_q, geometry.weight_group_axis_size),
+            (bias_q, geometry.out_per_group),
+        ):
+            reason = quant.blocked_reason(rows) if quant is not None else None
+            if reason is not None:
+                raise Refusal(f"{NODE}: {reason}", conv)
+        if match.mode == "dense" and weight_q is not None and weight_q.block_size:
+            match.mode = "split"
+            match.note = "split instead of dense: a block-diagonal weight would cut its blocks"
         limit = self.max_dense_multiplier
         if match.mode == "dense" and limit is not None and group > limit:
             match.mode = "split"

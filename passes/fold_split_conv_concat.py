@@ -356,10 +356,11 @@ def _weight_inputs(
             inputs.append(constant(_joined_bias(branches, biases, weight.dtype), "bias"))
         return inputs
     quants = [b.weight_q for b in branches]
-    centred = [q.values.astype(np.int64) - q.zero_points().astype(np.int64) for q in quants]
-    embedded = _mixconv(block, centred, attributes, notes)  # off-grid: the zero point
-    quants = [dataclasses.replace(q, values=(e + q.zero_points()).astype(q.values.dtype))
-              for q, e in zip(quants, embedded)]  # fmt: skip
+    if block.mixconv:  # off the branch's kernel, the grid holds the zero point
+        centred = [q.values.astype(np.int64) - q.zero_points().astype(np.int64) for q in quants]
+        embedded = _mixconv(block, centred, attributes, notes)
+        quants = [dataclasses.replace(q, values=(e + q.zero_points()).astype(q.values.dtype))
+                  for q, e in zip(quants, embedded)]  # fmt: skip
     weight = join(quants, "branch weights")
     biases = [b.bias for b in branches]
     if first.conv.op_type == "QLinearConv":

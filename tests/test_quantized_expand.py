@@ -53,7 +53,15 @@ def _t(name, array):
 
 
 def qdq_grouped_conv(
-    *, dtype=np.int8, axis=0, bias=True, opset=17, block_size=0, group=GROUP, op="Conv"
+    *,
+    dtype=np.int8,
+    axis=0,
+    bias=True,
+    opset=17,
+    block_size=0,
+    group=GROUP,
+    op="Conv",
+    block_axis=1,
 ):
     """X -> Q -> DQ -> Conv(DQ(w), DQ(b), group) -> Q -> DQ -> Y, seeded random weights.
 
@@ -68,13 +76,14 @@ def qdq_grouped_conv(
         _t("x_s", np.float32(0.05)), _t("x_z", np.int8(3)),
         _t("y_s", np.float32(0.2)), _t("y_z", np.int8(-2)),
     ]  # fmt: skip
-    if block_size:  # blocked on axis 1: scale [OUT, ceil(C/G / block), 3, 3]
-        blocks = -(-(CHANNELS // group) // block_size)
-        inits[1] = _t("w_s", np.full((OUT, blocks, 3, 3), 0.01, np.float32))
-        inits[2] = _t("w_z", np.zeros((OUT, blocks, 3, 3), dtype))
+    if block_size:  # blocks along block_axis: the scale has the weight's rank
+        params = list(shape)
+        params[block_axis] = -(-shape[block_axis] // block_size)
+        inits[1] = _t("w_s", (0.005 + 0.01 * r.random(params)).astype(np.float32))
+        inits[2] = _t("w_z", r.integers(-3, 4, params).astype(dtype))
     dq_w = {"axis": axis} if axis is not None else {}
     if block_size:
-        dq_w = {"axis": 1, "block_size": block_size}
+        dq_w = {"axis": block_axis, "block_size": block_size}
     nodes = [
         helper.make_node("QuantizeLinear", ["X", "x_s", "x_z"], ["xq"]),
         helper.make_node("DequantizeLinear", ["xq", "x_s", "x_z"], ["xd"]),
@@ -228,13 +237,40 @@ def test_qlinearconv_expands_bit_identical(case, mode):
     _assert_bit_identical(proto, result.model)
 
 
-def test_blocked_quantization_is_refused_with_the_reason():
-    proto = qdq_grouped_conv(dtype=np.int8, axis=None, opset=21, block_size=2, group=2)
+BLOCKED = {
+    "blocks-along-input-channels": dict(block_size=2, block_axis=1),
+    "whole-blocks-along-output-rows": dict(block_size=2, block_axis=0),
+}
+
+
+@pytest.mark.parametrize("mode", ["split", "dense"])
+@pytest.mark.parametrize("case", BLOCKED.values(), ids=BLOCKED.keys())
+def test_blocked_quantization_expands_by_split_bit_identical(case, mode):
+    """Blocked weights (opset 21) are cut with their scales; dense would cut blocks: split."""
+    proto = qdq_grouped_conv(dtype=np.int8, axis=None, opset=21, group=2, **case)
+    result, expand = _expand(proto, mode=mode)
+    assert result.modified is True, expand.skips
+    convs = [n for n in result.model.graph if n.op_type == "Conv"]
+    assert len(convs) == 2
+    for conv in convs:
+        dq = conv.inputs[1].producer()
+        assert dq.attributes["block_size"].as_int() == 2
+        assert dq.inputs[1].const_value.numpy().ndim == 4
+    if mode == "dense":
+        assert "split instead of dense" in expand.rewrites[0].summary
+    onnx.checker.check_model(ir.serde.serialize_model(result.model), full_check=True)
+    _assert_bit_identical(proto, result.model)
+
+
+def test_blocks_cut_by_a_group_boundary_are_refused():
+    """Blocks of 3 output rows, groups of 4 rows: a group boundary cuts a block."""
+    proto = qdq_grouped_conv(dtype=np.int8, axis=None, opset=21, group=2, block_size=3,
+                             block_axis=0)  # fmt: skip
     before = _outputs(ir.serde.deserialize_model(proto))
     result, expand = _expand(proto)
     assert result.modified is False
     (skip,) = expand.skips
-    assert "blocked quantization (block_size 2)" in skip.reason and "gconv" in skip.reason
+    assert "gconv: blocked quantization on axis 0 (block_size 3) does not align" in skip.reason
     for a, b in zip(before, _outputs(result.model)):
         np.testing.assert_array_equal(a, b)
 

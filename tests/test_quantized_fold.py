@@ -36,7 +36,10 @@ def _t(name, array):
     return numpy_helper.from_array(np.asarray(array), name)
 
 
-def qdq_branchy(*, shared=False, weights="per-channel", opset=17, batch_norm=False, float_w=()):
+def qdq_branchy(
+    *, shared=False, weights="per-channel", opset=17, batch_norm=False, float_w=(),
+    kernels=(3, 3, 3, 3), output_qdq=True,
+):  # fmt: skip
     """X -> Split -> [Q -> DQ -> Conv(DQ w, DQ b) -> Q -> DQ] x 4 -> Concat -> Y."""
     r = rng(3)
     inits, nodes, outs = [_t("sizes", np.full(BRANCHES, PER_IN, np.int64))], [], []
@@ -49,12 +52,13 @@ def qdq_branchy(*, shared=False, weights="per-channel", opset=17, batch_norm=Fal
     for i in range(BRANCHES):
         xs, xz = (0.05, 3) if shared else (0.03 + 0.01 * i, i - 2)
         ys, yz = (0.2, -2) if shared else (0.15 + 0.05 * i, 2 * i - 3)
-        w = r.integers(-127, 128, (PER_OUT, PER_IN, 3, 3)).astype(np.int8)
+        k = kernels[i]
+        w = r.integers(-127, 128, (PER_OUT, PER_IN, k, k)).astype(np.int8)
         if weights == "per-channel":
             ws = (0.01 + 0.01 * r.random(PER_OUT)).astype(np.float32)
-            wz = np.zeros(PER_OUT, np.int8)
-        else:  # per tensor, a different scale in each branch
-            ws, wz = np.float32(0.01 + 0.003 * i), np.int8(0)
+            wz = r.integers(-5, 6, PER_OUT).astype(np.int8)
+        else:  # per tensor, a different scale and zero point in each branch
+            ws, wz = np.float32(0.01 + 0.003 * i), np.int8(i - 1)
         inits += [
             _t(f"xs{i}", np.float32(xs)), _t(f"xz{i}", np.int8(xz)),
             _t(f"ys{i}", np.float32(ys)), _t(f"yz{i}", np.int8(yz)),
@@ -73,7 +77,7 @@ def qdq_branchy(*, shared=False, weights="per-channel", opset=17, batch_norm=Fal
             helper.make_node("DequantizeLinear", [f"wq{i}", f"ws{i}", f"wz{i}"], [f"wd{i}"], **axis),
             helper.make_node("DequantizeLinear", [f"bq{i}", f"bs{i}"], [f"bd{i}"], **axis),
             helper.make_node("Conv", [f"xd{i}", weight, f"bd{i}"], [f"c{i}"], name=f"conv{i}",
-                             pads=[1] * 4),
+                             pads=[(k - 1) // 2] * 4),
         ]  # fmt: skip
         last = f"c{i}"
         if batch_norm:
@@ -82,11 +86,13 @@ def qdq_branchy(*, shared=False, weights="per-channel", opset=17, batch_norm=Fal
             nodes.append(helper.make_node(
                 "BatchNormalization", [last, *(t.name for t in bn)], [f"n{i}"], name=f"bn{i}"))  # fmt: skip
             last = f"n{i}"
-        nodes += [
-            helper.make_node("QuantizeLinear", [last, f"ys{i}", f"yz{i}"], [f"yq{i}"]),
-            helper.make_node("DequantizeLinear", [f"yq{i}", f"ys{i}", f"yz{i}"], [f"y{i}"]),
-        ]
-        outs.append(f"y{i}")
+        if output_qdq:
+            nodes += [
+                helper.make_node("QuantizeLinear", [last, f"ys{i}", f"yz{i}"], [f"yq{i}"]),
+                helper.make_node("DequantizeLinear", [f"yq{i}", f"ys{i}", f"yz{i}"], [f"y{i}"]),
+            ]
+            last = f"y{i}"
+        outs.append(last)
     nodes.append(helper.make_node("Concat", outs, ["Y"], axis=1, name="cat"))
     x = tensor_info("X", ["N", CHANNELS, *SPATIAL])
     y = tensor_info("Y", ["N", OUT, *SPATIAL])
@@ -144,6 +150,21 @@ def test_qdq_block_folds_bit_identical(case):
     _assert_bit_identical(proto, result.model)
 
 
+def test_qdq_mixconv_embeds_the_integers_around_the_zero_point(ort_equal):
+    """Kernels 3/5/3/5 embedded in 5x5: the new positions hold each row's zero point, so they
+    dequantize to 0. The float Conv sums more (zero) terms in another order, so the check is
+    the float tolerance rather than bit equality (no output Q here: a rounding tie could flip)."""
+    proto = qdq_branchy(kernels=(3, 5, 3, 5), output_qdq=False)
+    result, fold = _fold(proto, mixconv="always")
+    assert result.modified is True, fold.skips
+    conv = next(n for n in result.model.graph if n.op_type == "Conv")
+    values, _, zero = (v.const_value.numpy() for v in conv.inputs[1].producer().inputs)
+    assert values.shape == (OUT, PER_IN, 5, 5)
+    border = values[:PER_OUT, :, 0, :]  # branch 0 is 3x3: its 5x5 border is the zero point
+    assert (border == zero[:PER_OUT].reshape(-1, 1, 1)).all() and zero[:PER_OUT].any()
+    ort_equal(proto, result.model)
+
+
 REFUSALS = {
     "per-channel-activations-before-opset-13": (
         dict(opset=12, weights="per-tensor"),
@@ -172,9 +193,11 @@ def test_qdq_block_refusals(case, reason):
 @pytest.mark.parametrize(
     "case",
     [dict(axis=0), dict(axis=None), dict(axis=1, op="ConvTranspose"),
-     dict(axis=None, op="ConvTranspose")],
+     dict(axis=None, op="ConvTranspose"),
+     dict(axis=None, opset=21, block_size=2, block_axis=1),
+     dict(axis=None, opset=21, block_size=2, block_axis=0)],
     ids=["per-channel", "per-tensor", "convtranspose-per-output-channel",
-         "convtranspose-per-tensor"],
+         "convtranspose-per-tensor", "blocked-input-channels", "blocked-output-rows"],
 )  # fmt: skip
 def test_qdq_round_trip_gives_back_the_grouped_conv(case):
     proto = qdq_grouped_conv(**case)
