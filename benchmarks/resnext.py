@@ -131,6 +131,7 @@ class Bench:
         self.paths: dict[str, Path] = {}
         self.inputs: dict[str, Path] = {}
         self.schedules: dict[str, list[dict]] = {}
+        self.libraries: dict[str, Path] = {}
         for name, model in models.items():
             data = model.SerializeToString()
             path = cache / f"{name}-{hashlib.sha256(data).hexdigest()[:12]}.onnx"
@@ -147,13 +148,25 @@ class Bench:
         return path
 
     def library(self, key: str) -> Path:
-        """The compiled library of model ``key`` ('name' or 'name@tuned'), built if not cached."""
+        """The compiled library of model ``key`` ('name' or 'name@tuned'), built if not cached.
+
+        The cache key covers the model, the target and the sources that shape a CPU build (the
+        build, the passes, the CPU schedules; the tuning code for a tuned build).
+        """
+        if key in self.libraries:
+            return self.libraries[key]
         from gconv_compile.build import compile as build
         from gconv_compile.targets import host_llvm_target
 
         name, _, variant = key.partition("@")
         target = host_llvm_target(self.mcpu)
-        sources = sorted((ROOT / "gconv_compile").rglob("*.py"))
+        package = ROOT / "gconv_compile"
+        schedules = sorted((package / "tvm_schedules").glob("*.py"))
+        sources = [package / "build.py", *sorted((package / "passes").rglob("*.py"))]
+        sources += [p for p in schedules if p.name in ("__init__.py", "_conv.py")
+                    or p.name.startswith("cpu")]  # fmt: skip
+        if variant == "tuned":
+            sources.append(package / "tvm_schedules" / "tuning.py")
         digest = hashlib.sha256(self.paths[name].read_bytes())
         digest.update(json.dumps(target, sort_keys=True).encode() + variant.encode())
         for src in sources:
@@ -166,9 +179,9 @@ class Bench:
                           tune_db=tune_db)  # fmt: skip
             sidecar = {"schedules": built.report.extra.get("schedules", [])}
             lib.with_suffix(".schedules.json").write_text(json.dumps(sidecar))
-        self.schedules[key] = json.loads(lib.with_suffix(".schedules.json").read_text())[
-            "schedules"
-        ]
+        info = json.loads(lib.with_suffix(".schedules.json").read_text())
+        self.schedules[key] = info["schedules"]
+        self.libraries[key] = lib
         return lib
 
     def artifact(self, side: Side) -> tuple[Path, Path]:

@@ -432,8 +432,8 @@ def _schedule_pad(sch: s_tir.Schedule, pad: s_tir.schedule.SBlockRV, task) -> No
     One conditional pass, not ``decompose_padding``'s zero fill of the whole panel plus a copy:
     the fill writes every element twice, which cost strided convs (whose panels are 4x their
     output) 2-7% of their time on an AVX-512 Zen 4, and stride-1 convs nothing measurable (and
-    depthwise convs on the AVX-512 EPYC of issue #14, measured one thread: -20% at 112x112
-    stride 2, +40% at 56x56 stride 2, +15% at 56x56 stride 1).
+    depthwise convs on the AVX-512 EPYC of issue #14, one thread: 6-120% slower on each of
+    MobileNetV2's depthwise shapes tried).
     """
     try:
         sch.compute_at(pad, task, preserve_unit_loops=True)
