@@ -2,11 +2,11 @@
 
 What ``onnxruntime.quantization`` writes for a split-conv-concat block (QDQ form)::
 
-    X ─ Split ─ Q(s_i, z_i) ─ DQ(s_i, z_i) ─ Conv(DQ(W_i), DQ(B_i)) ─ Q(t_i, u_i) ─ DQ(t_i, u_i) ─ Concat
+    X ─ Split ─ Q(s_i,z_i) ─ DQ(s_i,z_i) ─ Conv(DQ(W_i), DQ(B_i)) ─ Q(t_i,u_i) ─ DQ(t_i,u_i) ─ Concat
 
 folds into::
 
-    X ─ [Slice] ─ Q(s, z) ─ DQ(s, z) ─ Conv(DQ(concat W_i), DQ(concat B_i), group) ─ Q(t, u) ─ DQ(t, u)
+    X ─ [Slice] ─ Q(s,z) ─ DQ(s,z) ─ Conv(DQ(concat W_i), DQ(concat B_i), group) ─ Q(t,u) ─ DQ(t,u)
 
 The input pair may also be a DQ alone, reading integer parts of an integer tensor (``Xq ─ Split ─
 DQ ─ Conv``, what the expand pass writes). When does one grouped conv compute the same thing?

@@ -37,17 +37,18 @@ Quantized models, split mode::
     Xq ─ Split ─ DQ ─ Conv(DQ(Wq[i], s_w[i], z_w[i]), DQ(Bq[i], s_b[i])) ─┐
                └ ...  (one per group)                                   ├─ Concat ─ Q ─ DQ ─ Y
 
-and ``QLinearConv(Xq, s_x, z_x, Wq, s_w, z_w, s_y, z_y, B, group=G)`` becomes a Split of ``Xq``,
-G QLinearConvs (``Wq[i]``, ``s_w[i]``, ``z_w[i]``, ``B[i]``; the x and y scales shared) and a
-Concat of their integer outputs; ``ConvInteger`` likewise (its weight zero point split with
-the rows when it has one per output channel, though onnxruntime runs only one per tensor). A weight or bias that is ``DequantizeLinear`` of constants
-(int8/uint8, int4/uint4, int16/uint16, int32 bias) is split in the integer domain: per-channel
-scales and zero points (axis 0) go with their rows, a per-tensor one stays shared (see
-:mod:`._quant`). A Conv input dequantized per tensor is split before its DequantizeLinear
-(each part gets a copy), so each branch keeps the DQ -> Conv form QDQ consumers look for. Dense
-mode puts the zero point off the blocks, which dequantizes to exactly 0. Every output channel
-is computed from the same integers and scales as before: QLinearConv outputs are bit-identical,
-and so are QDQ ones in onnxruntime (which runs a grouped Conv one group at a time).
+and ``QLinearConv(Xq, s_x, z_x, Wq, s_w, z_w, s_y, z_y, B, group=G)`` becomes a Split of ``Xq``, G
+QLinearConvs (``Wq[i]``, ``s_w[i]``, ``z_w[i]``, ``B[i]``; the x and y scales shared) and a Concat
+of their integer outputs; ``ConvInteger`` likewise (its weight zero point split with the rows when
+it has one per output channel, though onnxruntime runs only one per tensor). A weight or bias that
+is ``DequantizeLinear`` of constants (int8/uint8, int4/uint4, int16/uint16, int32 bias) is split in
+the integer domain: per-channel scales and zero points (axis 0) go with their rows, a per-tensor one
+stays shared, blocked ones (opset 21) are cut with the rows in whole blocks, and dense mode expands
+those by split instead (see :mod:`._quant`). A Conv input dequantized per tensor is split before its
+DequantizeLinear (each part gets a copy), so each branch keeps the DQ -> Conv form QDQ consumers
+look for. Dense mode puts the zero point off the blocks, which dequantizes to exactly 0. Every
+output channel is computed from the same integers and scales as before: QLinearConv outputs are
+bit-identical, and so are QDQ ones in onnxruntime (which runs a grouped Conv one group at a time).
 
 Every other attribute (kernel_shape, strides, pads, auto_pad, dilations, output_padding,
 output_shape) is kept on each new convolution, so every padding form, 1-D to 3-D kernels and
@@ -66,9 +67,9 @@ Expands when:
 
 Refuses, leaving the node as it is and recording why: a weight or bias that is computed or
 can be fed at run time (also as the DequantizeLinear of such a tensor), blocked quantization
-(``block_size``: a group boundary can cut a block), channel counts that do not divide by the group, an input whose
-channels disagree with the weight, and every case the options exclude (for ``select``, with
-the reason it returned).
+whose blocks on axis 0 a group boundary cuts, channel counts that do not divide by the group,
+an input whose channels disagree with the weight, and every case the options exclude (for
+``select``, with the reason it returned).
 """
 
 from __future__ import annotations

@@ -60,12 +60,13 @@ Folds when:
     * every branch has the same activation (op and attributes) or none.
 
 Refuses, leaving the block as it is and recording why: quantization one grouped conv cannot
-reproduce (see :mod:`._fold_quant`; a BatchNormalization after a quantized Conv, blocked
-quantization, quantized and float weights mixed), uneven or empty parts, a Concat order
-different from the channel order, overlapping, strided or interior-gapped slices, a non-channel
-axis, a value inside a branch used elsewhere or that is a graph output, differing Conv
-attributes, a MixConv fold that would be slower or whose sizes are not static (``"auto"``),
-non-constant weights, and a channel dim that is symbolic where the ranges depend on it.
+reproduce (see :mod:`._fold_quant`; a BatchNormalization after a quantized Conv, blocks on axis 0
+that end inside a branch, blocked MixConv, quantized and float weights mixed), uneven or empty
+parts, a Concat order different from the channel order, overlapping, strided or interior-gapped
+slices, a non-channel axis, a value inside a branch used elsewhere or that is a graph output,
+differing Conv attributes, a MixConv fold that would be slower or whose sizes are not static
+(``"auto"``), non-constant weights, and a channel dim that is symbolic where the ranges depend on
+it.
 """
 
 from __future__ import annotations

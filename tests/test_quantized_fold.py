@@ -74,7 +74,8 @@ def qdq_branchy(
         nodes += [
             helper.make_node("QuantizeLinear", [f"x{i}", f"xs{i}", f"xz{i}"], [f"xq{i}"]),
             helper.make_node("DequantizeLinear", [f"xq{i}", f"xs{i}", f"xz{i}"], [f"xd{i}"]),
-            helper.make_node("DequantizeLinear", [f"wq{i}", f"ws{i}", f"wz{i}"], [f"wd{i}"], **axis),
+            helper.make_node("DequantizeLinear", [f"wq{i}", f"ws{i}", f"wz{i}"], [f"wd{i}"],
+                             **axis),
             helper.make_node("DequantizeLinear", [f"bq{i}", f"bs{i}"], [f"bd{i}"], **axis),
             helper.make_node("Conv", [f"xd{i}", weight, f"bd{i}"], [f"c{i}"], name=f"conv{i}",
                              pads=[(k - 1) // 2] * 4),
@@ -83,8 +84,8 @@ def qdq_branchy(
         if batch_norm:
             bn = [_t(f"bn{k}{i}", 0.5 + r.random(PER_OUT, np.float32)) for k in "sbmv"]
             inits += bn
-            nodes.append(helper.make_node(
-                "BatchNormalization", [last, *(t.name for t in bn)], [f"n{i}"], name=f"bn{i}"))  # fmt: skip
+            names = [last, *(t.name for t in bn)]
+            nodes.append(helper.make_node("BatchNormalization", names, [f"n{i}"], name=f"bn{i}"))
             last = f"n{i}"
         if output_qdq:
             nodes += [
