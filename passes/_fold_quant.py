@@ -2,7 +2,7 @@
 
 What ``onnxruntime.quantization`` writes for a split-conv-concat block (QDQ form)::
 
-    X ─ Split ─ Q(s_i,z_i) ─ DQ(s_i,z_i) ─ Conv(DQ(W_i), DQ(B_i)) ─ Q(t_i,u_i) ─ DQ(t_i,u_i) ─ Concat
+    X ─ Split ─ Q(s_i,z_i) ─ DQ(s_i,z_i) ─ Conv(DQ W_i, DQ B_i) ─ Q(t_i,u_i) ─ DQ(t_i,u_i) ─ Concat
 
 folds into::
 
