@@ -300,6 +300,8 @@ def read_cuda_binaries(path: Path) -> dict[str, bytes]:
 
 
 _cuda_binaries: dict[str, bytes] = {}
+# How TVM's requests for CUDA machine code were answered in this process (the GPU kit reports it).
+cuda_code_sources = {"prebuilt": 0, "nvcc": 0}
 
 
 def _register_cuda_compile(binaries: Mapping[str, bytes], arch: str) -> None:
@@ -309,7 +311,9 @@ def _register_cuda_compile(binaries: Mapping[str, bytes], arch: str) -> None:
     def compile_cuda(source: str, *_: Any) -> bytes:
         key = cuda_source_sha256(source)
         if key in _cuda_binaries:
+            cuda_code_sources["prebuilt"] += 1
             return _cuda_binaries[key]
+        cuda_code_sources["nvcc"] += 1
         binary = nvcc_compile(source, arch)
         _cuda_binaries[key] = binary
         return binary

@@ -55,7 +55,7 @@ from onnx import numpy_helper  # noqa: E402
 
 from gconv_compile.compare import TVM_TOLERANCES, compare_results  # noqa: E402
 from gconv_compile.errors import GconvError  # noqa: E402
-from gconv_compile.runtime import load  # noqa: E402
+from gconv_compile.runtime import cuda_code_sources, load  # noqa: E402
 
 SEEDS = (0, 1)
 
@@ -225,11 +225,17 @@ def run_model(row: dict, args, torch_ref, timer: Timer, copy_gbps: float) -> dic
         return result
     try:
         model = reference_model(row, library_path)
+        before = dict(cuda_code_sources)
         library = load(library_path)
         result.update(check(row, library, model, "cpu" if args.rehearse else "cuda"))
+        # TVM asks for the machine code at load or first run: prebuilt fatbin, or nvcc there.
+        result["cuda_code"] = {k: cuda_code_sources[k] - before[k] for k in before}
         result["tvm_ms"] = time_tvm(library, model, row["dtype"], timer)
     except GconvError as error:
         result["error"] = str(error)
+        return result
+    except Exception as exc:  # noqa: BLE001 - one model's crash must not lose the others
+        result["error"] = f"{type(exc).__name__}: {' '.join(str(exc).split())[:300]}"
         return result
     if row["kind"] == "conv":
         result["gbps"] = conv_bytes(row) / (result["tvm_ms"] * 1e-3) / 1e9
