@@ -46,7 +46,6 @@ from resnext_model import build_resnext50, single_conv_model, stage_convs  # noq
 from gconv_compile.files import write_text_atomic  # noqa: E402
 
 GROUPS = ("resnext", "resnext-convs", "mobilenet", "mobilenet-convs", "shufflenet")
-START, END = "<!-- cpu-table:start -->", "<!-- cpu-table:end -->"
 
 
 @dataclass
@@ -250,15 +249,16 @@ def _table(rows: list[tuple], target: dict, argv: list[str], threads: dict) -> s
     return "\n".join(lines) + "\n"
 
 
-def _write_markdown(path: Path, block: str) -> None:
-    """Replace the text between the table markers of ``path`` (or write the block alone)."""
+def _write_markdown(path: Path, block: str, mcpu: str) -> None:
+    """Replace the text between ``mcpu``'s table markers in ``path`` (else append the block)."""
+    start, end = f"<!-- cpu-table:{mcpu}:start -->", f"<!-- cpu-table:{mcpu}:end -->"
     text = path.read_text() if path.exists() else ""
-    if START in text and END in text:
-        head, rest = text.split(START, 1)
-        _, tail = rest.split(END, 1)
-        text = f"{head}{START}\n{block}{END}{tail}"
+    if start in text and end in text:
+        head, rest = text.split(start, 1)
+        _, tail = rest.split(end, 1)
+        text = f"{head}{start}\n{block}{end}{tail}"
     else:
-        text = f"{START}\n{block}{END}\n"
+        text = f"{text}{start}\n{block}{end}\n"
     write_text_atomic(path, text)
 
 
@@ -295,10 +295,11 @@ def main(argv: list[str] | None = None) -> int:
         for worker in workers.values():
             worker.close()
     threads = {k: w.threads for k, w in workers.items() if w.threads}
-    block = _table(rows, host_llvm_target(args.mcpu), argv, threads)
+    target = host_llvm_target(args.mcpu)
+    block = _table(rows, target, argv, threads)
     print("\n" + block)
     if args.markdown:
-        _write_markdown(args.markdown, block)
+        _write_markdown(args.markdown, block, target["mcpu"])
     return 0
 
 

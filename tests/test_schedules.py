@@ -97,11 +97,12 @@ def random_feeds(model, seed: int, batch: int = 1) -> dict[str, np.ndarray]:
     return feeds
 
 
-def compile_cpu(model, *, form: str | None = None):
+def compile_cpu(model, *, form: str | None = None, mcpu: str | None = None):
     from tvm import relax
     from tvm.relax.frontend.onnx import from_onnx
 
-    target = tvm.target.Target(tvm_schedules.host_target())
+    spec = tvm_schedules.host_target()
+    target = tvm.target.Target({**spec, "mcpu": mcpu} if mcpu else spec)
     decisions: list = []
     mod = from_onnx(model, keep_params_in_input=False)
     pipeline = tvm_schedules.relax_pipeline(target, decisions=decisions, form=form)
@@ -190,6 +191,42 @@ def test_depthwise_on_narrow_rows_vectorises_the_row(size, stride, vector, split
     assert f"pixel form: {expected}-wide vectors" in conv.detail, conv.detail
     assert ("input columns split even/odd" in conv.detail) == split, conv.detail
     out, ref = run_both(model, random_feeds(model, seed=8), vm)
+    assert_close(out, ref, F32)
+
+
+@pytest.mark.parametrize(
+    ("mcpu", "expected"),
+    [("haswell", (8, 16)), ("znver3", (8, 16)), ("skylake-avx512", (16, 32)),
+     ("znver4", (16, 32)), ("x86-64", (4, 16))],
+)  # fmt: skip
+def test_vector_width_follows_the_target_cpu_not_this_machine(mcpu, expected):
+    """An AVX2 build made on an AVX-512 machine gets AVX2 tiles (it got 16-lane ones)."""
+    from gconv_compile.targets import host_llvm_target
+    from gconv_compile.tvm_schedules.cpu import vector_lanes
+
+    target = tvm.target.Target({**host_llvm_target(), "mcpu": mcpu, "mtriple": "x86_64-linux-gnu"})
+    assert vector_lanes(target) == expected
+
+
+AVX2_CASES = [c for c in CPU_CASES if c[0] in (
+    "dense-1x1-pointwise-7x7", "grouped-g4-stride2-odd", "grouped-g32-resnext-like", "depthwise",
+    "depthwise-stride2-odd", "residual-add-relu")]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "kind"), [c[1:3] for c in AVX2_CASES], ids=[c[0] for c in AVX2_CASES]
+)
+def test_avx2_build_matches_onnxruntime(kwargs, kind):
+    """The haswell (AVX2) tiles, whatever this machine's widest vectors: 8 lanes, 16 registers."""
+    from gconv_compile.targets import cpu_flags
+
+    if not {"avx2", "fma"} <= cpu_flags():
+        pytest.skip("this CPU cannot run AVX2 code")
+    model = conv_model(**kwargs)
+    vm, decisions = compile_cpu(model, mcpu="haswell")
+    (conv,) = conv_decisions(decisions)
+    assert conv.schedule == f"cpu-{kind}-conv" and "8 lanes" in conv.detail, conv.line()
+    out, ref = run_both(model, random_feeds(model, seed=11), vm)
     assert_close(out, ref, F32)
 
 
