@@ -26,11 +26,11 @@ __all__ = ["__version__", "compile", "expand", "optimize"]
 # `import gconv_compile.x` runs first) then loads no onnx, onnxruntime or TVM.
 
 
-def optimize(model, *, target=None, check=True, seeds=(0, 1, 2), shapes=None):
+def optimize(model, *, target=None, check=True, seeds=(0, 1, 2), shapes=None, mixconv="auto"):
     """Fold split-conv-concat blocks into grouped Convs; see :func:`gconv_compile.pipeline.optimize`."""
     from gconv_compile.pipeline import optimize as _optimize
 
-    return _optimize(model, target=target, check=check, seeds=seeds, shapes=shapes)
+    return _optimize(model, target=target, check=check, seeds=seeds, shapes=shapes, mixconv=mixconv)
 
 
 def expand(

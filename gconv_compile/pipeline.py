@@ -111,6 +111,7 @@ def optimize(
     check: bool = True,
     seeds: Sequence[int] = DEFAULT_SEEDS,
     shapes: Mapping[str, Sequence[int]] | None = None,
+    mixconv: str = "auto",
 ) -> tuple[onnx.ModelProto | ir.Model, Report]:
     """Fold split-conv-concat blocks into grouped Convs and check the result.
 
@@ -122,6 +123,9 @@ def optimize(
         check: Compare the result with the input in onnxruntime on seeded random inputs.
         seeds: Seeds of the random input sets.
         shapes: Sizes for inputs with symbolic dims, by input name.
+        mixconv: MixConv blocks (kernels embedded in the largest one): ``"auto"`` folds them
+            when the target's cost estimate says the result is not slower, ``"always"`` or
+            ``"never"``.
 
     Returns:
         The optimised model (an ``onnx.ModelProto`` when given one, else an ``onnx_ir.Model``)
@@ -132,7 +136,7 @@ def optimize(
         CheckFailed: The rewritten model computes something else (``.report`` has details).
     """
     report = Report("optimize")
-    plan = passes_for_target("optimize", target, warnings=report.warnings)
+    plan = passes_for_target("optimize", target, warnings=report.warnings, mixconv=mixconv)
     report.target = plan.target
     loaded = load_model(model)
     report.input = str(loaded.path) if loaded.path else None
