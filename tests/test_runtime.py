@@ -288,3 +288,25 @@ def test_input_names_that_are_not_c_identifiers_build(tmp_path, target):
         np.testing.assert_allclose(got["out/y"], expected["out/y"], rtol=1e-4, atol=1e-5)
     else:
         assert compiled.info.cuda_binary["arch"] == "sm_80"
+
+
+def test_cli_compile_weights_file_and_bundle_errors(example, tmp_path):
+    def cli(*args):
+        return subprocess.run([sys.executable, "-m", "gconv_compile", *args],
+                              capture_output=True, text=True, cwd=ROOT)  # fmt: skip
+
+    done = cli("compile", str(example[0]), "-o", str(tmp_path / "m.so"),
+               "--weights-file", str(tmp_path / "m.npz"))  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert f"weights  45 tensors in {tmp_path / 'm.npz'}" in done.stdout
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("")
+    for args, message in [
+        (["bundle", str(tmp_path / "m.so"), "-o", str(tmp_path / "full")], "not an empty folder"),
+        (["bundle", str(tmp_path / "m.so"), "-o", str(tmp_path / "b"), "--python", "3"],
+         "expected MAJOR.MINOR"),
+        (["bundle", str(tmp_path / "none.so"), "-o", str(tmp_path / "b")], "no such library"),
+    ]:  # fmt: skip
+        done = cli(*args)
+        assert done.returncode == 2 and message in done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1, done.stderr
