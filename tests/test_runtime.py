@@ -17,6 +17,7 @@ import pytest
 from builders import make_model, tensor_info
 from grouped_models import grouped_conv, ort_run
 from onnx import helper
+from test_gpu_kit import BARE_PYTHON, bare_python
 
 import gconv_compile
 from gconv_compile.errors import UserError
@@ -182,7 +183,6 @@ def test_load_works_without_the_compiler_library(conv_library, tmp_path):
 
 # ------------------------------------------------------------------------------- compile options
 
-BARE_PYTHON = ROOT / "build" / "py312-bare" / "bin" / "python"
 WHEELS = ROOT / "build" / "wheels"
 
 
@@ -240,10 +240,7 @@ def test_cuda_build_carries_a_fatbin_for_its_arch(example, tmp_path):
 
 def test_bundle_runs_under_a_bare_python(example, tmp_path):
     """`gconv-compile bundle`, then the bundle alone under Python 3.12 with numpy only."""
-    if not BARE_PYTHON.is_file() or not list(WHEELS.glob("apache_tvm_ffi-*-cp312-*.whl")):
-        pytest.skip(
-            "no build/py312-bare or tvm-ffi cp312 wheel: `make gpu-kit-rehearse` makes them"
-        )
+    bare_python()
     path, x, expected = example
     gconv_compile.compile(path, "llvm", output=tmp_path / "m.so", weights_file=tmp_path / "m.npz")
     cli = [sys.executable, "-m", "gconv_compile", "bundle", str(tmp_path / "m.so"), "-o",
