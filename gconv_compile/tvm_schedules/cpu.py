@@ -123,12 +123,15 @@ def _pow2_divisor(n: int, cap: int) -> int:
 
 def _lane_use(vector: int, lanes: int) -> float:
     # Half-width vectors run at full FLOP rate on cores that split 512-bit ops (Zen 4) and at
-    # half rate elsewhere; count them as 0.75.
+    # half rate elsewhere; count them as 0.75 where registers hold 16 lanes. On AVX2 a 4-wide
+    # vector is half the machine (the 0.75 made a ResNeXt 28x28 grouped conv take the 4-wide
+    # pixel form, 1.8x slower than the channel form), and a vector of 7 is split into 4+2+1.
     if vector >= lanes:
         return 1.0
-    if 2 * vector >= lanes:
+    if lanes >= 16 and 2 * vector >= lanes:
         return 0.75
-    return vector / lanes
+    pieces = 0.75 if vector & (vector - 1) else 1.0
+    return pieces * vector / lanes
 
 
 def _can_split_columns(conv: ConvInfo, padded_width: int | None) -> bool:
@@ -163,7 +166,9 @@ def _row_vector(row_len: int, lanes: int, pow2: int) -> int:
     for d in range(4, lanes + 1):
         if row_len % d == 0 and _lane_use(d, lanes) > _lane_use(best, lanes):
             best = d
-    return best
+    # a split vector must pay for its extra loads: on AVX2, 4-wide beat 7-wide on 28-px rows
+    # (72 vs 92 us), 7-wide beat 1-wide on 14 and 7 (50 vs 66, 40 vs 50 us; one thread)
+    return best if _lane_use(best, lanes) > 1.5 * _lane_use(pow2, lanes) else pow2
 
 
 def _best_register_tile(budget: int, f_opts: list[int], x_opts: list[int], y_opts: list[int]) -> tuple[float, int, int, int] | None:  # fmt: skip
@@ -237,9 +242,12 @@ def choose_tile(
         tile = _best_register_tile(budget, f_opts, x_opts, y_opts)
         if tile:
             score, f, y, x = tile
-            candidates.append(
-                (_lane_use(f_vec, lanes), score, CpuTile("channel", lanes, f_vec, f, y, x, 1))
-            )
+            # the channel form stores its vectors lane by lane (NCHW output): worth it only
+            # when each output takes >= 32 FMAs (measured 1x1 convs at 56-112 px, one thread:
+            # 16 or 24 input channels ran 1.6-2x slower than the pixel form, 32 the same)
+            taps = conv.in_per_group * conv.kernel[0] * conv.kernel[1]
+            use = _lane_use(f_vec, lanes) * min(1.0, taps / 32)
+            candidates.append((use, score, CpuTile("channel", lanes, f_vec, f, y, x, 1)))
     if not candidates:
         x_opts = _divisors(row_len, 8)
         _, f, y, x = _best_register_tile(budget, _divisors(conv.out_per_group, 8), x_opts, y_opts)
