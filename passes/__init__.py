@@ -11,6 +11,7 @@ from ._geometry import ConvGeometry
 from .expand_grouped_conv import ExpandGroupedConv
 from .fold_slice_bounds import FoldSliceBounds
 from .fold_split_conv_concat import FoldSplitConvConcat
+from .lower_qoperator_to_qdq import LowerQOperatorToQDQ
 from .resolve_conv_transpose_output_shape import ResolveConvTransposeOutputShape
 
 __all__ = [
@@ -19,6 +20,7 @@ __all__ = [
     "FoldCost",
     "FoldSliceBounds",
     "FoldSplitConvConcat",
+    "LowerQOperatorToQDQ",
     "MIXCONV_MODES",
     "PASSES",
     "ResolveConvTransposeOutputShape",
@@ -31,4 +33,5 @@ PASSES: dict[str, type] = {
     "fold-slice-bounds": FoldSliceBounds,
     "expand-grouped-conv": ExpandGroupedConv,
     "resolve-conv-transpose-output-shape": ResolveConvTransposeOutputShape,
+    "lower-qoperator-to-qdq": LowerQOperatorToQDQ,
 }
