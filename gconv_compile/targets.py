@@ -32,6 +32,7 @@ from gconv_compile.passes import (
     FoldCost,
     FoldSliceBounds,
     FoldSplitConvConcat,
+    LowerQOperatorToQDQ,
     ResolveConvTransposeOutputShape,
 )
 from gconv_compile.passes._common import const_array
@@ -202,7 +203,10 @@ def passes_for_target(
       constant (TVM cannot lower a Concat of slices whose shapes it cannot see).
     - ``import``: what TVM's ONNX importer needs before every build, optimised or not: a
       ConvTranspose's ``output_shape`` (which TVM 0.27 ignores) becomes explicit pads, with
-      ``input_shapes`` (the user's ``--shape``) binding symbolic input sizes.
+      ``input_shapes`` (the user's ``--shape``) binding symbolic input sizes; then QOperator
+      ops TVM 0.27 cannot import (``QLinearConv``, ``ConvInteger``, com.microsoft
+      ``QLinearAdd``/``QLinearConcat``/``QLinearAveragePool``...) become DequantizeLinear ->
+      float op -> QuantizeLinear.
 
     ``mixconv`` (``--mixconv``) decides the folds that add work, MixConv blocks whose kernels
     are embedded in the largest: ``"auto"`` folds one when the cost estimate, priced by the
@@ -218,7 +222,8 @@ def passes_for_target(
     if mixconv not in MIXCONV_MODES:
         raise UserError(f"--mixconv must be one of {', '.join(MIXCONV_MODES)}, got '{mixconv}'")
     if command == "import":
-        return PassPlan([ResolveConvTransposeOutputShape(input_shapes=input_shapes)], target)
+        resolve = ResolveConvTransposeOutputShape(input_shapes=input_shapes)
+        return PassPlan([resolve, LowerQOperatorToQDQ()], target)
     profile = load_profile(target) if target is not None else None
     plan = PassPlan([], profile.name if profile else None)
     if warnings is not None:

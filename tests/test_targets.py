@@ -22,7 +22,8 @@ def _names(plan) -> list[str]:
         ("expand", "generic-npu", ["ExpandGroupedConv"] * 2),
         ("compile", "llvm", ["FoldSplitConvConcat", "FoldSliceBounds"]),
         ("compile", "cuda", ["FoldSplitConvConcat", "_cuda_dense_passes", "FoldSliceBounds"]),
-        ("import", "llvm", ["ResolveConvTransposeOutputShape"]),
+        ("import", "llvm", ["ResolveConvTransposeOutputShape", "LowerQOperatorToQDQ"]),
+        ("import", "cuda", ["ResolveConvTransposeOutputShape", "LowerQOperatorToQDQ"]),
     ],
     ids=lambda v: str(v),
 )
