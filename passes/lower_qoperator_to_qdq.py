@@ -74,6 +74,8 @@ PASS_NAME = "lower-qoperator-to-qdq"
 MS_DOMAIN = "com.microsoft"
 # float32 holds every integer up to 2**24 exactly.
 FLOAT32_EXACT_INTEGERS = 2**24
+# ConvInteger's input is int8 or uint8: |x - x_zero_point| <= 255 whatever the zero point.
+X_SPAN = 255
 # A value to use as it is, or an array to add as a new constant.
 _Param = ir.Value | np.ndarray
 
@@ -308,8 +310,8 @@ def _conv_integer(node: ir.Node) -> _Lowering:
     """ConvInteger: exact in float32 when every partial sum stays below 2**24."""
     x, w = node.inputs[0], node.inputs[1]
     weight = const_array(w)
-    if weight is None or x.dtype is None:
-        raise Refusal(f"weight of {NODE} is not a constant or its input type is unknown", node)
+    if weight is None:
+        raise Refusal(f"weight of {NODE} is not a constant", node)
     zero_points = []
     for index, what in ((2, "x zero point"), (3, "w zero point")):
         zero_point = _scalar(node, index, what)
@@ -317,13 +319,10 @@ def _conv_integer(node: ir.Node) -> _Lowering:
             raise Refusal(f"{what} of {NODE} is not a constant", node)
         zero_points.append(zero_point)
     w_zp = 0 if zero_points[1] is None else int(const_array(node.inputs[3]).reshape(()))
-    x_info = np.iinfo(x.dtype.numpy())
-    # |x - x_zp| is at most the type's range whatever x_zp is.
-    x_span = int(x_info.max) - int(x_info.min)
     rows = np.abs(weight.astype(np.int64) - w_zp).reshape(weight.shape[0], -1).sum(axis=1)
-    if rows.max(initial=0) * x_span >= FLOAT32_EXACT_INTEGERS:
+    if rows.max(initial=0) * X_SPAN >= FLOAT32_EXACT_INTEGERS:
         raise Refusal(
-            f"{NODE}: sums up to {int(rows.max()) * x_span} could leave float32's exact "
+            f"{NODE}: sums up to {int(rows.max()) * X_SPAN} could leave float32's exact "
             f"integers (2**24); left as ConvInteger",
             node,
         )
