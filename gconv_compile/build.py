@@ -120,6 +120,7 @@ def compile(  # noqa: A001 - the public name the API promises
     tune_db: str | os.PathLike | None = None,
     tune_progress: Callable[[int, int, float | None], None] | None = None,
     weights_file: str | os.PathLike | None = None,
+    mixconv: str = "auto",
 ) -> CompiledModel:
     """Optimise ``model`` for ``target``, build it with TVM Relax, and optionally export it.
 
@@ -143,6 +144,8 @@ def compile(  # noqa: A001 - the public name the API promises
         tune_progress: Called as ``tune_progress(done, total, eta_seconds_or_None)``.
         weights_file: Keep the weights out of the library, in this ``.npz`` or
             ``.safetensors`` file beside ``output`` (read at load time).
+        mixconv: MixConv folds: ``"auto"`` when the target's cost estimate says they are not
+            slower, ``"always"`` or ``"never"``.
 
     Returns:
         The compiled model; ``.runner()`` runs it in this process.
@@ -161,7 +164,9 @@ def compile(  # noqa: A001 - the public name the API promises
     timings: dict[str, float] = {}
     report.extra["timings"] = timings
     started = time.perf_counter()
-    conv_forms = _optimize(request, report, optimize=optimize, check=check, seeds=seeds)
+    conv_forms = _optimize(
+        request, report, optimize=optimize, check=check, seeds=seeds, mixconv=mixconv
+    )
     timings["optimize_s"] = time.perf_counter() - started
 
     inputs, outputs = _tensor_specs(loaded.model, request.shapes)
@@ -263,14 +268,20 @@ def _check_weights_path(
 
 
 def _optimize(
-    request: _Request, report: Report, *, optimize: bool, check: bool, seeds: Sequence[int]
+    request: _Request,
+    report: Report,
+    *,
+    optimize: bool,
+    check: bool,
+    seeds: Sequence[int],
+    mixconv: str = "auto",
 ) -> list[dict[str, Any]]:
     """Run the target's passes, checked; returns the CUDA conv-form decisions."""
     if not optimize:
         report.nodes_before = report.nodes_after = count_nodes(request.loaded.model)
         report.check_note = "not optimised (--no-optimize)"
         return []
-    plan = passes_for_target("compile", request.spec["kind"])
+    plan = passes_for_target("compile", request.spec["kind"], mixconv=mixconv)
     run_checked(
         request.loaded, plan, report, check=check, seeds=seeds, shapes=request.shapes or None
     )

@@ -26,6 +26,7 @@ from gconv_compile.explain import run_explain
 from gconv_compile.files import write_json_atomic
 from gconv_compile.library import CUDA_RUNTIME_NEEDS, write_bundle
 from gconv_compile.model_io import check_output_path, load_model, save_model
+from gconv_compile.passes import MIXCONV_MODES
 from gconv_compile.pipeline import run_checked
 from gconv_compile.profiles import builtin_profiles, load_profile
 from gconv_compile.report import Report
@@ -122,6 +123,12 @@ def _add_optimize(sub) -> None:
         help="a target profile (name or .json path): fold where it runs grouped convs, expand "
         "where it does not (see `gconv-compile profiles`)",
     )
+    p.add_argument(
+        "--mixconv", choices=MIXCONV_MODES, default="auto",
+        help="MixConv blocks (kernels that differ, embedded in the largest one when folded): "
+        "auto folds them when the target's cost estimate says the result is not slower "
+        "(default), always, never",
+    )  # fmt: skip
     _add_check_options(p)
 
 
@@ -130,7 +137,9 @@ def _run_optimize(args: argparse.Namespace) -> int:
     check_output_path(args.output, loaded)
     _check_report_path(args.report, [args.input, args.output])
     report = Report("optimize", input=args.input)
-    plan = passes_for_target("optimize", args.target, warnings=report.warnings)
+    plan = passes_for_target(
+        "optimize", args.target, warnings=report.warnings, mixconv=args.mixconv
+    )
     report.target = plan.target
     return _rewrite_and_save(args, loaded, plan, report)
 
@@ -298,6 +307,12 @@ def _add_compile(sub) -> None:
         help="CUDA architecture for code generation (default: the GPU here, else sm_80)",
     )  # fmt: skip
     p.add_argument(
+        "--mixconv", choices=MIXCONV_MODES, default="auto",
+        help="MixConv blocks (kernels that differ, embedded in the largest one when folded): "
+        "auto folds them when the target's cost estimate says the result is not slower "
+        "(default), always, never",
+    )  # fmt: skip
+    p.add_argument(
         "--mcpu", metavar="CPU",
         help="LLVM CPU name (default: from /proc/cpuinfo: skylake-avx512, haswell or x86-64)",
     )  # fmt: skip
@@ -360,7 +375,7 @@ def _run_compile(args: argparse.Namespace) -> int:
             seeds=tuple(range(args.seeds)), shapes=shapes, emit_source=args.emit_source,
             tune_trials=args.tune_trials, tune_db=args.tune_db,
             tune_progress=_ProgressBar("tuning") if args.tune_trials else None,
-            weights_file=args.weights_file,
+            weights_file=args.weights_file, mixconv=args.mixconv,
         )  # fmt: skip
     except CheckFailed as failure:
         return _check_failed(failure, failure.report, args.report)
@@ -409,9 +424,16 @@ def _add_verify(sub) -> None:
         "relative error and worst element. Exit 0 when every output is within tolerance, 1 when "
         "one is not, 2 for bad input (a missing library, one compiled from another model, a bad "
         ".npz, wrong shapes).",
-        epilog="Default tolerances (atol, rtol): float32 1e-5, 1e-4 on CPU and 1e-4, 1e-3 on "
-        "CUDA (fast math, other summation order); float16 1e-2, 1e-2; the default atol is "
-        "multiplied by the output's RMS when that is above 1. " + CUDA_RUNTIME_NEEDS,
+        epilog="Calibrated default: each output may differ by max(atol, budget x its RMS) + "
+        "rtol x |ref|, budget 2^-12 for float32 (4096 units of float32 roundoff: summation-order "
+        "noise through a network as deep as ResNeXt-50); (atol, rtol) float32 1e-5, 1e-4 on CPU "
+        "and 1e-4, 1e-3 on CUDA (fast math, other summation order); float16 1e-2, 1e-2; "
+        "quantized int8/uint8 outputs may differ by one step, other integers not at all. --atol "
+        "and --rtol override their part of the rule: an explicit --atol is used as given (not "
+        "scaled by the RMS), an explicit --rtol replaces rtol, and a tolerance not given keeps "
+        "its calibrated value (--atol 0 --rtol 0: bitwise equality). Each output's margin "
+        "(error / allowed; above 1 fails) is printed and written to --report. "
+        + CUDA_RUNTIME_NEEDS,
     )
     p.add_argument("input", metavar="IN.onnx", help="the original model")
     which = p.add_mutually_exclusive_group()
@@ -424,8 +446,15 @@ def _add_verify(sub) -> None:
     p.add_argument(
         "--seeds", type=int, default=3, metavar="N", help="random input sets (default 3)"
     )
-    p.add_argument("--rtol", type=float, metavar="R", help="relative tolerance for every output")
-    p.add_argument("--atol", type=float, metavar="A", help="absolute tolerance for every output")
+    p.add_argument(
+        "--rtol", type=float, metavar="R",
+        help="relative tolerance for every output (overrides the calibrated rtol)",
+    )  # fmt: skip
+    p.add_argument(
+        "--atol", type=float, metavar="A",
+        help="absolute tolerance for every output, used as given, not scaled by the output's RMS "
+        "(overrides the calibrated atol)",
+    )  # fmt: skip
     _add_shape_option(p)
     p.add_argument("--arch", metavar="sm_XY", help="CUDA architecture when compiling now")
     p.add_argument("--no-optimize", action="store_true", help="when compiling now: do not fold")

@@ -4,6 +4,7 @@ report (with the numbers) is written, the output is not."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -66,3 +67,30 @@ def test_report_and_output_get_the_umask_mode(tmp_path, mask):
     assert code == 0
     for name in ("r.json", "o.onnx"):
         assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~mask, name
+
+
+MIXNET = Path(__file__).parent / "fixtures" / "real" / "mixnet_ts17.onnx"
+
+
+@pytest.mark.parametrize(
+    "flag, folds, reason",
+    [([], 0, "would be slower"), (["--mixconv", "always"], 1, None),
+     (["--mixconv", "never"], 0, "MixConv folding is off")],
+    ids=["auto-refuses-a-slower-fold", "always", "never"],
+)  # fmt: skip
+def test_optimize_mixconv_flag(tmp_path, capsys, flag, folds, reason):
+    out, report = tmp_path / "out.onnx", tmp_path / "r.json"
+    code = cli.main(["optimize", str(MIXNET), "-o", str(out), "--report", str(report), *flag])
+    assert code == 0, capsys.readouterr()
+    data = json.loads(report.read_text())
+    assert len(data["rewrites"]) == folds
+    if reason:
+        assert any(reason in skip["reason"] for skip in data["skipped"]), data["skipped"]
+
+
+def test_compile_mixconv_flag_reaches_the_build(tmp_path, capsys):
+    out = tmp_path / "m.so"
+    code = cli.main(["compile", str(MIXNET), "-o", str(out), "--mixconv", "always"])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    assert "1 blocks folded" in printed or "1 block folded" in printed, printed
