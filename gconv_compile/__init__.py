@@ -1,6 +1,6 @@
 """gconv-compile: fold, expand, compile and verify grouped convolutions in ONNX models.
 
-The Python API is :func:`optimize`, :func:`expand` and :func:`compile`; the passes themselves are
+The Python API is :func:`optimize`, :func:`expand`, :func:`compile` and :func:`load`; the passes themselves are
 ``gconv_compile.passes`` (source folder ``passes/``). Where each step lives:
 
 - ``model_io``: load and validate, save atomically; ``files``: the one atomic file writer.
@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from gconv_compile._version import __version__
 
-__all__ = ["__version__", "compile", "expand", "optimize"]
+__all__ = ["__version__", "compile", "expand", "load", "optimize"]
 
 # The functions import their modules when called: `import gconv_compile` (which every
 # `import gconv_compile.x` runs first) then loads no onnx, onnxruntime or TVM.
@@ -51,3 +51,10 @@ def compile(model, target="llvm", **options):  # noqa: A001 - the name users exp
     from gconv_compile.build import compile as _compile
 
     return _compile(model, target, **options)
+
+
+def load(path, *, threads=None):
+    """Load a compiled library with TVM's runtime alone; see :func:`gconv_compile.runtime.load`."""
+    from gconv_compile.runtime import load as _load
+
+    return _load(path, threads=threads)
