@@ -533,7 +533,8 @@ def load(path: str | os.PathLike, *, threads: int | None = None) -> Library:
         UserError: Missing/mismatched sidecar, no runtime library, a CPU that cannot run the
             code, no GPU for a CUDA library, or a weights file that does not fit.
     """
-    library = Path(path)
+    # Absolute: dlopen searches the library path, not the working folder, for a bare name.
+    library = Path(path).absolute()
     info = read_sidecar(library)
     count = _prepare(info, threads, library)
     try:

@@ -51,6 +51,18 @@ def test_load_runs_like_onnxruntime(conv_library):
         np.testing.assert_allclose(got[name], expected[name], rtol=1e-4, atol=1e-5)
 
 
+def test_load_by_a_bare_file_name_from_its_folder(conv_library, monkeypatch):
+    """dlopen searches the library path, not the working folder, for a name without a slash."""
+    model, library = conv_library
+    monkeypatch.chdir(library.parent)
+    lib = load(library.name)
+    assert lib.path == library and lib.path.is_absolute()
+    monkeypatch.chdir("/")  # the library stays usable wherever the process goes next
+    got = lib.run(_feeds(2))
+    np.testing.assert_allclose(got["Y"], ort_run(onnx.load(model), _feeds(2))["Y"], rtol=1e-4,
+                               atol=1e-5)  # fmt: skip
+
+
 def test_threads_option_sizes_the_pool(conv_library):
     assert load(conv_library[1], threads=1).threads == 1
 

@@ -69,6 +69,15 @@ def test_verify_passes_and_reports_each_output_like_polygraphy(work, capsys):
     assert f"margin {stat['margin']:.3g} PASS" in out
 
 
+def test_verify_a_library_named_relative_to_the_working_folder(work, capsys, monkeypatch):
+    """`cd DIR && verify M.onnx --lib M.so` once failed: dlopen looked for M.so on its path."""
+    monkeypatch.chdir(work)
+    code = main(["verify", "a.onnx", "--lib", "a.so", "--seeds", "1"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "verify: PASS" in out
+
+
 def test_verify_with_user_inputs_and_with_a_build_made_now(work, capsys):
     assert main(["verify", str(work / "a.onnx"), "--lib", str(work / "a.so"),
                  "--inputs", str(work / "good.npz")]) == 0  # fmt: skip
