@@ -123,13 +123,17 @@ def _add_optimize(sub) -> None:
         help="a target profile (name or .json path): fold where it runs grouped convs, expand "
         "where it does not (see `gconv-compile profiles`)",
     )
+    _add_mixconv_option(p)
+    _add_check_options(p)
+
+
+def _add_mixconv_option(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--mixconv", choices=MIXCONV_MODES, default="auto",
         help="MixConv blocks (kernels that differ, embedded in the largest one when folded): "
         "auto folds them when the target's cost estimate says the result is not slower "
         "(default), always, never",
     )  # fmt: skip
-    _add_check_options(p)
 
 
 def _run_optimize(args: argparse.Namespace) -> int:
@@ -306,12 +310,7 @@ def _add_compile(sub) -> None:
         "--arch", metavar="sm_XY",
         help="CUDA architecture for code generation (default: the GPU here, else sm_80)",
     )  # fmt: skip
-    p.add_argument(
-        "--mixconv", choices=MIXCONV_MODES, default="auto",
-        help="MixConv blocks (kernels that differ, embedded in the largest one when folded): "
-        "auto folds them when the target's cost estimate says the result is not slower "
-        "(default), always, never",
-    )  # fmt: skip
+    _add_mixconv_option(p)
     p.add_argument(
         "--mcpu", metavar="CPU",
         help="LLVM CPU name (default: from /proc/cpuinfo: skylake-avx512, haswell or x86-64)",

@@ -40,15 +40,13 @@ from ._fold_quant import (
     output_pair,
 )
 from ._geometry import ConvGeometry
-from ._quant import QuantConst, join, qlinear_weight, read_dequantized
+from ._quant import QuantConst, join, read_conv_parameters
 from ._shapes import ShapeFacts
 
 # (conv, batch_norm, activation, [output Q, output DQ])
 Chain = tuple[ir.Node, "ir.Node | None", "ir.Node | None", "list[ir.Node]"]
 # Convolutions a branch can hold: QLinearConv folds back what the expand pass made of one.
 BRANCH_CONV_OPS = (*CONV_OPS, "QLinearConv")
-# Where a convolution keeps its bias: Conv/ConvTranspose input 2, QLinearConv input 8.
-_BIAS_INPUT = {"QLinearConv": 8}
 
 
 @dataclasses.dataclass
@@ -276,36 +274,9 @@ def branch_chain(value: ir.Value) -> Chain | None:
     return node, batch_norm, activation, list(pair or [])
 
 
-def _read_weights(
-    conv: ir.Node,
-) -> tuple[np.ndarray, np.ndarray | None, QuantConst | None, QuantConst | None]:
-    """(weight, bias, weight_q, bias_q); a quantized weight or bias is read as its integers."""
-    if conv.op_type == "QLinearConv":
-        if len(conv.inputs) < 8 or any(conv.inputs[i] is None for i in (0, 3, 4, 5, 6, 7)):
-            raise Refusal(f"{NODE} lacks a QLinearConv input", conv)
-        weight_q, bias_q = qlinear_weight(conv), None
-    else:
-        if len(conv.inputs) < 2 or conv.inputs[1] is None:
-            raise Refusal(f"{NODE} has no weight input", conv)
-        weight_q = read_dequantized(conv.inputs[1], "weight", conv)
-        bias_q = None
-        if len(conv.inputs) > 2 and conv.inputs[2] is not None:
-            bias_q = read_dequantized(conv.inputs[2], "bias", conv)
-    weight = weight_q.values if weight_q is not None else const_array(conv.inputs[1])
-    if weight is None:
-        raise Refusal(f"weight of {NODE} is not a constant", conv)
-    index = _BIAS_INPUT.get(conv.op_type, 2)
-    bias = None
-    if len(conv.inputs) > index and conv.inputs[index] is not None:
-        bias = bias_q.values if bias_q is not None else const_array(conv.inputs[index])
-        if bias is None:
-            raise Refusal(f"bias of {NODE} is not a constant", conv)
-    return weight, bias, weight_q, bias_q
-
-
 def _branch(chain: Chain) -> Branch:
     conv, batch_norm, activation, output_qdq = chain
-    weight, bias, weight_q, bias_q = _read_weights(conv)
+    weight, bias, weight_q, bias_q = read_conv_parameters(conv, (0, 3, 4, 5, 6, 7))
     if weight.ndim < 3:
         raise Refusal(f"{NODE} has a weight of rank {weight.ndim}", conv)
     attrs = conv_attrs(conv, weight.shape)

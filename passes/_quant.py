@@ -263,3 +263,66 @@ def block_diagonal_quantized(quant: QuantConst, group: int, op_type: str = CONV)
     dense = quant.with_values(dense_centred, tile=group if quant.axis == 1 else 1)
     values = (dense_centred + dense.zero_points().astype(wide)).astype(quant.values.dtype)
     return dataclasses.replace(dense, values=values)
+
+
+# Where a convolution keeps its bias: Conv/ConvTranspose input 2, QLinearConv input 8;
+# ConvInteger has none.
+BIAS_INPUT = {"QLinearConv": 8, "ConvInteger": None}
+
+
+def bias_input(conv: ir.Node) -> int | None:
+    """The index of ``conv``'s bias input (None: the op has no bias)."""
+    return BIAS_INPUT.get(conv.op_type, 2)
+
+
+def read_conv_parameters(
+    conv: ir.Node, qlinear_needs: tuple[int, ...] = (0, 3, 4, 5)
+) -> tuple[np.ndarray, np.ndarray | None, QuantConst | None, QuantConst | None]:
+    """(weight, bias, weight_q, bias_q) of a Conv, ConvTranspose, QLinearConv or ConvInteger.
+
+    A QDQ weight or bias is read through its DequantizeLinear (``*_q`` holds the integers, scales
+    and zero points; the arrays are the integers); a QLinearConv's weight through its scale and
+    zero point inputs, which must be present with the inputs ``qlinear_needs`` names; a
+    ConvInteger's with a scale of ones. Raises ``Refusal`` for what is not constant.
+    """
+    if conv.op_type == "QLinearConv":
+        if len(conv.inputs) < 8 or any(conv.inputs[i] is None for i in qlinear_needs):
+            raise Refusal(f"{NODE} lacks a QLinearConv input", conv)
+        weight_q, bias_q = qlinear_weight(conv), None
+    elif conv.op_type == "ConvInteger":
+        weight_q, bias_q = _conv_integer_weight(conv), None
+    else:
+        if len(conv.inputs) < 2 or conv.inputs[1] is None:
+            raise Refusal(f"{NODE} has no weight input", conv)
+        weight_q = read_dequantized(conv.inputs[1], "weight", conv)
+        bias_q = None
+        if len(conv.inputs) > 2 and conv.inputs[2] is not None:
+            bias_q = read_dequantized(conv.inputs[2], "bias", conv)
+    weight = weight_q.values if weight_q is not None else const_array(conv.inputs[1])
+    if weight is None:
+        raise Refusal(f"weight of {NODE} is not a constant", conv)
+    index = bias_input(conv)
+    bias = None
+    if index is not None and len(conv.inputs) > index and conv.inputs[index] is not None:
+        bias = bias_q.values if bias_q is not None else const_array(conv.inputs[index])
+        if bias is None:
+            raise Refusal(f"bias of {NODE} is not a constant", conv)
+    return weight, bias, weight_q, bias_q
+
+
+def _conv_integer_weight(conv: ir.Node) -> QuantConst:
+    """A ConvInteger's weight and zero point (input 3, per tensor or one per output channel);
+    it has no scale, so the scale is ones."""
+    weight = const_array(conv.inputs[1])
+    zero = None
+    if len(conv.inputs) > 3 and conv.inputs[3] is not None:
+        zero = const_array(conv.inputs[3])
+        if zero is None:
+            raise Refusal(f"weight zero point of {NODE} is not a constant", conv)
+    if weight is None:
+        raise Refusal(f"weight of {NODE} is not a constant", conv)
+    axis = 0 if zero is not None and zero.size > 1 else None
+    rows = weight.shape[0] if axis == 0 else 1
+    scale = np.ones(rows, np.float32) if axis == 0 else np.float32(1)
+    zero = zero.reshape(-1) if axis == 0 else (None if zero is None else zero.reshape(()))
+    return QuantConst(weight, np.asarray(scale), zero, axis)

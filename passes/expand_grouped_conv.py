@@ -100,9 +100,9 @@ from ._geometry import ConvGeometry, block_diagonal_weight
 from ._quant import (
     QuantConst,
     add_dequantized,
+    bias_input,
     block_diagonal_quantized,
-    qlinear_weight,
-    read_dequantized,
+    read_conv_parameters,
 )
 
 logger = logging.getLogger(__name__)
@@ -219,7 +219,7 @@ class ExpandGroupedConv(AnchoredPass):
             raise Refusal("named in the skip list", conv)
         if len(conv.inputs) < 2 or conv.inputs[1] is None or conv.inputs[0] is None:
             raise Refusal(f"{NODE} has no data or weight input", conv)
-        weight_q, bias_q, weight, bias = _read_weights(conv)
+        weight, bias, weight_q, bias_q = read_conv_parameters(conv)
         if weight.ndim < 3:
             raise Refusal(f"{NODE} has a weight of rank {weight.ndim}", conv)
         attrs = conv_attrs(conv, weight.shape)
@@ -308,58 +308,6 @@ class ExpandGroupedConv(AnchoredPass):
 
 
 # --------------------------------------------------------------------------------- helpers
-
-# Where a convolution keeps its bias: Conv/ConvTranspose input 2, QLinearConv input 8.
-_BIAS_INPUT = {"QLinearConv": 8, "ConvInteger": None}  # ConvInteger has no bias
-
-
-def _read_weights(
-    conv: ir.Node,
-) -> tuple[QuantConst | None, QuantConst | None, np.ndarray, np.ndarray | None]:
-    """(weight_q, bias_q, weight, bias): the quantized forms (or None) and the stored arrays.
-
-    A QDQ weight or bias is read through its DequantizeLinear (the integers are what is
-    split); a QLinearConv's through its scale and zero point inputs.
-    """
-    if conv.op_type == "QLinearConv":
-        if len(conv.inputs) < 8 or any(conv.inputs[i] is None for i in (0, 3, 4, 5)):
-            raise Refusal(f"{NODE} lacks a QLinearConv input", conv)
-        weight_q, bias_q = qlinear_weight(conv), None
-    elif conv.op_type == "ConvInteger":
-        weight_q, bias_q = _conv_integer_weight(conv), None
-    else:
-        weight_q = read_dequantized(conv.inputs[1], "weight", conv)
-        bias_q = None
-        if len(conv.inputs) > 2 and conv.inputs[2] is not None:
-            bias_q = read_dequantized(conv.inputs[2], "bias", conv)
-    weight = weight_q.values if weight_q is not None else const_array(conv.inputs[1])
-    if weight is None:
-        raise Refusal(f"weight of {NODE} is not a constant", conv)
-    index = _BIAS_INPUT.get(conv.op_type, 2)
-    bias = None
-    if index is not None and len(conv.inputs) > index and conv.inputs[index] is not None:
-        bias = bias_q.values if bias_q is not None else const_array(conv.inputs[index])
-        if bias is None:
-            raise Refusal(f"bias of {NODE} is not a constant", conv)
-    return weight_q, bias_q, weight, bias
-
-
-def _conv_integer_weight(conv: ir.Node) -> QuantConst:
-    """A ConvInteger's weight and zero point (input 3, per tensor or one per output channel);
-    it has no scale, so the scale is ones."""
-    weight = const_array(conv.inputs[1])
-    zero = None
-    if len(conv.inputs) > 3 and conv.inputs[3] is not None:
-        zero = const_array(conv.inputs[3])
-        if zero is None:
-            raise Refusal(f"weight zero point of {NODE} is not a constant", conv)
-    if weight is None:
-        raise Refusal(f"weight of {NODE} is not a constant", conv)
-    axis = 0 if zero is not None and zero.size > 1 else None
-    rows = weight.shape[0] if axis == 0 else 1
-    scale = np.ones(rows, np.float32) if axis == 0 else np.float32(1)
-    zero = zero.reshape(-1) if axis == 0 else (None if zero is None else zero.reshape(()))
-    return QuantConst(weight, np.asarray(scale), zero, axis)
 
 
 def _check_channels(conv: ir.Node, geometry: ConvGeometry, bias: np.ndarray | None) -> None:
@@ -562,7 +510,7 @@ def _dense(match: _Match, scope: Scope, base: str) -> tuple[list[ir.Node], ir.Va
                 names=names)]  # fmt: skip
     if match.bias is not None:
         # The bias does not depend on the grouping.
-        inputs.append(conv.inputs[_BIAS_INPUT.get(conv.op_type, 2)])
+        inputs.append(conv.inputs[bias_input(conv)])
     dense = ir.node(
         conv.op_type, inputs, attributes=_branch_attributes(conv),
         name=base, num_outputs=1,
