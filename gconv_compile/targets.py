@@ -197,16 +197,18 @@ def passes_for_target(
       then expand the grouped convolutions the target cannot run.
     - ``expand``: expand grouped convolutions, all of them or those the target cannot run,
       narrowed by the options.
-    - ``compile``: ``target`` is "llvm" or "cuda" and its built-in profile decides as for
-      ``optimize``; on cuda, grouped convs with few wide groups become dense
-      (:func:`choose_cuda_conv_forms`); last, Slice bounds computed from static dims are made
-      constant (TVM cannot lower a Concat of slices whose shapes it cannot see).
+    - ``compile``: QOperator ops TVM cannot import are lowered to QDQ first (see ``import``),
+      so that their blocks fold and the check covers the lowering; then ``target`` ("llvm" or
+      "cuda") and its built-in profile decide as for ``optimize``; on cuda, grouped convs
+      with few wide groups become dense (:func:`choose_cuda_conv_forms`); last, Slice bounds
+      computed from static dims are made constant (TVM cannot lower a Concat of slices whose
+      shapes it cannot see).
     - ``import``: what TVM's ONNX importer needs before every build, optimised or not: a
       ConvTranspose's ``output_shape`` (which TVM 0.27 ignores) becomes explicit pads, with
       ``input_shapes`` (the user's ``--shape``) binding symbolic input sizes; then QOperator
       ops TVM 0.27 cannot import (``QLinearConv``, ``ConvInteger``, com.microsoft
       ``QLinearAdd``/``QLinearConcat``/``QLinearAveragePool``...) become DequantizeLinear ->
-      float op -> QuantizeLinear.
+      float op -> QuantizeLinear (already done by ``compile``'s plan unless ``--no-optimize``).
 
     ``mixconv`` (``--mixconv``) decides the folds that add work, MixConv blocks whose kernels
     are embedded in the largest: ``"auto"`` folds one when the cost estimate, priced by the
@@ -232,6 +234,10 @@ def passes_for_target(
         mode=mode, keep_depthwise=keep_depthwise, min_group=min_group, max_group=max_group,
         skip=skip, target=profile,
     )  # fmt: skip
+    if command == "compile":
+        # TVM reads QDQ only; lowered first, QOperator blocks fold like QDQ ones, and the
+        # lowering is checked in onnxruntime and listed in the compile report.
+        plan.passes.append(LowerQOperatorToQDQ())
     if command != "expand" and (profile is None or profile.fold):
         cost = profile.fold_cost_model() if profile is not None else FoldCost()
         plan.passes.append(FoldSplitConvConcat(mixconv=mixconv, cost=cost))

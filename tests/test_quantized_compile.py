@@ -3,8 +3,9 @@
 QDQ files (per channel ``_qdq_pc``, per tensor ``_qdq_pt``) import into TVM as they are;
 QOperator files (``_qop``: QLinearConv, com.microsoft QLinearAdd/QLinearConcat/
 QLinearAveragePool) import after :class:`~gconv_compile.passes.LowerQOperatorToQDQ`, which
-``passes_for_target("import", ...)`` runs before every build. Each case compiles with the check
-on (the fold checked in onnxruntime) and ``verify`` compares the library with onnxruntime on the
+``compile``'s plan runs first (then their blocks fold like QDQ ones) and
+``passes_for_target("import", ...)`` before every build. Each case compiles with the check on
+(the lowering and the fold checked in onnxruntime) and ``verify`` compares the library with onnxruntime on the
 original file under the product's calibrated rule. The outputs are floats (each file ends in a
 DequantizeLinear), so a flipped rounding tie anywhere would show as a whole quantization step
 and fail; the builds measured bit-identical to onnxruntime.
@@ -55,10 +56,12 @@ def test_int8_fixture_compiles_for_llvm_and_verifies(name, tmp_path):
     built = compile(path, "llvm", output=library, seeds=(0,))
     assert library.stat().st_size > 0
     check = built.report.check
-    if name.endswith("_qop"):  # the fold does not see QLinearConcat blocks (yet): nothing to check
-        assert check is None or check.passed
-    else:  # the branchy grouped convs are folded, and the fold is checked in onnxruntime
-        assert built.report.rewrites and check is not None and check.passed
+    assert check is not None and check.passed  # the fold (and the lowering) checked in ORT
+    passes = {rewrite.pass_name for rewrite in built.report.rewrites}
+    lowered = "lower-qoperator-to-qdq" in passes
+    assert lowered == name.endswith("_qop")  # the compile report lists the lowering
+    if "resnext_chunk" in name or "shufflenet" in name:  # branchy grouped convs: folded
+        assert "fold-split-conv-concat" in passes
     _verified(path, library)
 
 
