@@ -8,6 +8,9 @@ from typing import Any
 from gconv_compile.compare import CheckResult, OutputStats
 from gconv_compile.passes import Rewrite, Skip
 
+# The verb a rewrite's line starts with, from its pass name's first word.
+_VERBS = {"fold": "folded", "expand": "expanded", "lower": "lowered", "resolve": "resolved"}
+
 
 @dataclasses.dataclass
 class Report:
@@ -51,7 +54,7 @@ class Report:
         """One line per rewrite and refusal, then the check and a summary."""
         out = []
         for rewrite in self.rewrites:
-            verb = "folded" if rewrite.pass_name.startswith("fold") else "expanded"
+            verb = _VERBS.get(rewrite.pass_name.split("-", 1)[0], "rewrote")
             out.append(f"{verb:8} {rewrite.scope}/{rewrite.anchor}: {rewrite.summary}")
         for skip in self.skips:
             out.append(f"{'skipped':8} {skip.scope}/{skip.anchor}: {skip.reason}")
