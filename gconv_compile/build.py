@@ -7,6 +7,9 @@ The flow::
         --[MetaSchedule tuning]--> tvm.compile(target, our schedules) --> Executable
         --export_library--> OUT.so + OUT.so.json (the sidecar, :mod:`gconv_compile.library`)
 
+For cuda with nvcc here, the CUDA C that TVM generated is compiled for ``--arch`` and the fatbin
+replaces it in the bytes ``export_library`` packs into OUT.so (:func:`_pack_imports`).
+
 Which passes run is :func:`gconv_compile.targets.passes_for_target`'s decision; the check is
 :func:`gconv_compile.pipeline.run_checked`'s. The package exports :func:`compile` as
 ``gconv_compile.compile``.
@@ -42,6 +45,7 @@ from gconv_compile.library import (
     LibraryInfo,
     Runner,
     TensorSpec,
+    embed_cuda_binaries,
     file_sha256,
     model_fingerprint,
     sidecar_path,
@@ -50,12 +54,7 @@ from gconv_compile.model_io import LoadedModel, check_output_path, count_nodes, 
 from gconv_compile.pipeline import run_checked
 from gconv_compile.reference import check_shape_names
 from gconv_compile.report import Report
-from gconv_compile.runtime import (
-    SAFETENSORS_DTYPES,
-    cuda_source_sha256,
-    find_nvcc,
-    nvcc_compile,
-)
+from gconv_compile.runtime import SAFETENSORS_DTYPES, find_nvcc, nvcc_compile
 from gconv_compile.targets import passes_for_target, target_spec
 
 logger = logging.getLogger(__name__)
@@ -129,7 +128,7 @@ def compile(  # noqa: A001 - the public name the API promises
         target: "llvm" (this CPU) or "cuda" (builds without a GPU).
         output: Write the library here (``.so``) and its sidecar beside it (``.so.json``).
         arch: CUDA architecture, e.g. "sm_90" (default: the GPU here, else sm_80). With
-            nvcc here, the exported CUDA C is compiled for it into ``OUT.so.fatbin.npz``.
+            nvcc here, the CUDA C is compiled for it into a fatbin embedded in the library.
         mcpu: llvm CPU name (default: detected from /proc/cpuinfo).
         optimize: Run the rewrite the target asks for (fold split-conv-concat blocks).
         check: Check the rewrite against the input model in onnxruntime.
@@ -200,9 +199,10 @@ def _write_outputs(compiled: CompiledModel, request: _Request) -> CompiledModel:
         started = time.perf_counter()
         if compiled.weights is not None:
             compiled.info.weights = _write_weights(request.weights_path, compiled.weights)
+        binaries = None
         if compiled.info.target_kind == "cuda":
-            _cuda_binaries(compiled, out_path)
-        _export(compiled.executable, compiled.info, out_path)
+            binaries = _cuda_binaries(compiled, out_path)
+        _export(compiled.executable, compiled.info, out_path, binaries)
         report.extra["timings"]["export_s"] = time.perf_counter() - started
         compiled.library = out_path
         report.output = str(out_path)
@@ -491,27 +491,43 @@ def _write_weights(path: Path, arrays: Mapping[str, np.ndarray]) -> dict[str, An
     return {"file": path.name, "format": path.suffix.lstrip("."), "names": list(arrays)}
 
 
-def _cuda_binaries(compiled: CompiledModel, out_path: Path) -> None:
-    """Compile the library's CUDA C with nvcc for its arch into ``OUT.so.fatbin.npz`` so that
+def _cuda_binaries(compiled: CompiledModel, out_path: Path) -> list[tuple[str, bytes]] | None:
+    """Compile the library's CUDA C with nvcc for its arch, to embed in the library so that
     loading needs no CUDA compiler; without nvcc, or when nvcc rejects it, say so instead."""
     info, arch = compiled.info, compiled.info.target["arch"]
     sources = [m.inspect_source() for m in _modules(compiled.executable.mod) if m.kind == "cuda"]
     if find_nvcc() is None:
         info.cuda_note = "no nvcc at build time: the CUDA C is compiled when the library loads"
-        return
+        return None
     try:
-        binaries = {cuda_source_sha256(text): nvcc_compile(text, arch) for text in sources}
+        binaries = [(text, nvcc_compile(text, arch)) for text in sources]
     except UserError as error:
         info.cuda_note = f"{error}; the library will not load on a GPU until this is fixed"
         logger.warning("%s: %s", out_path, info.cuda_note)
         compiled.report.warnings.append(info.cuda_note)
-        return
-    arrays = {key: np.frombuffer(blob, dtype=np.uint8) for key, blob in binaries.items()}
-    buffer = io.BytesIO()
-    np.savez_compressed(buffer, **arrays)
-    binary = Path(str(out_path) + ".fatbin.npz")
-    write_bytes_atomic(binary, buffer.getvalue())
-    info.cuda_binary = {"file": binary.name, "arch": arch, "format": "fatbin", "compiler": "nvcc"}
+        return None
+    # "file": the CLI and the bundle name where the binary is; here, the library itself.
+    info.cuda_binary = {"format": "fatbin", "arch": arch, "compiler": "nvcc", "embedded": True,
+                        "file": out_path.name}  # fmt: skip
+    return binaries
+
+
+def _pack_imports(binaries: Sequence[tuple[str, bytes]]) -> Callable[..., str]:
+    """``export_library``'s ``fpack_imports``: TVM's own packing (the LLVM object holding the
+    imports' bytes), with the fatbins in place of the CUDA C they were compiled from."""
+    import tvm  # see the module docstring
+
+    def pack(module, is_system_lib: bool, prefix: str, workspace_dir: str) -> str:
+        tensor = tvm.get_global_func("runtime.ModulePackImportsToTensor")(module)
+        blob = embed_cuda_binaries(tensor.numpy().tobytes(), binaries, "fatbin")
+        host = next(m for m in _modules(module) if m.kind == "llvm")
+        target = host.get_function("_get_target_string")()
+        packed = tvm.get_global_func("codegen.codegen_blob")(blob, is_system_lib, target, prefix)
+        path = os.path.join(workspace_dir, f"{prefix}devc.o")
+        packed.write_to_file(path)
+        return path
+
+    return pack
 
 
 def _modules(module) -> Iterator[Any]:
@@ -539,14 +555,19 @@ def _emit_source(executable, kind: str, folder: Path, out_path: Path | None) -> 
     return written
 
 
-def _export(executable, info: LibraryInfo, out_path: Path) -> None:
-    """Export the library and its sidecar through temporary files in the destination folder."""
+def _export(
+    executable, info: LibraryInfo, out_path: Path,
+    cuda_binaries: Sequence[tuple[str, bytes]] | None = None,
+) -> None:  # fmt: skip
+    """Export the library (with ``cuda_binaries`` in place of their CUDA C) and its sidecar
+    through temporary files in the destination folder."""
     folder = out_path.parent if str(out_path.parent) else Path(".")
     staging = Path(tempfile.mkdtemp(prefix=TMP_PREFIX, dir=folder))
     try:
         staged = staging / out_path.name
+        options = {"fpack_imports": _pack_imports(cuda_binaries)} if cuda_binaries else {}
         try:
-            executable.export_library(str(staged))
+            executable.mod.export_library(str(staged), **options)
         except Exception as exc:
             raise UserError(f"{out_path}: TVM cannot export the library: {tvm_message(exc)}")
         info.library_sha256 = file_sha256(staged)

@@ -2,8 +2,8 @@
 
 ``OUT.so.json`` (the sidecar) records what the library computes: the input and output names,
 shapes and dtypes, the target, the sha256 of the model it was compiled from and of the library
-itself, and, when there are any, the weights file it reads (``weights``) and the prebuilt CUDA
-binaries beside it (``cuda_binary``). :func:`read_library_info` refuses a library whose sidecar
+itself, and, when there are any, the weights file it reads (``weights``) and the CUDA binary
+compiled at build time and embedded in the library (``cuda_binary``). :func:`read_library_info` refuses a library whose sidecar
 is missing or describes another file, so ``verify`` can tell when a library belongs to a
 different model.
 
@@ -12,6 +12,7 @@ Loading and running is :mod:`gconv_compile.runtime`'s (TVM's runtime alone: no c
 :class:`Runner` that also carries the sidecar as a :class:`LibraryInfo`, and
 :meth:`gconv_compile.build.CompiledModel.runner` makes one from a build in memory.
 :func:`write_bundle` writes what a machine that only runs the library needs.
+:func:`embed_cuda_binaries` puts the CUDA binaries into the bytes TVM packs into the library.
 """
 
 from __future__ import annotations
@@ -23,9 +24,10 @@ import logging
 import os
 import re
 import shutil
+import struct
 import subprocess
 import sys
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -51,9 +53,9 @@ logger = logging.getLogger(__name__)
 CUDA_RUNTIME_NEEDS = (
     "A CUDA library needs an NVIDIA GPU and driver where it runs, and TVM's runtime "
     "(gconv-compile bundle writes it: no compiler). Its CUDA C is compiled at build time into a "
-    "fatbin for --arch beside it (OUT.so.fatbin.npz) when nvcc is found (on PATH or under "
-    "$CUDA_PATH/bin), so loading needs no CUDA compiler; otherwise nvcc is needed where it is "
-    "loaded. Building needs no GPU."
+    "fatbin for --arch embedded in the library when nvcc is found (on PATH or under "
+    "$CUDA_PATH/bin), so loading needs no CUDA compiler and no other file; otherwise nvcc is "
+    "needed where it is loaded. Building needs no GPU."
 )
 
 
@@ -72,7 +74,8 @@ class LibraryInfo:
     tvm_version: str = ""
     gconv_compile_version: str = __version__
     weights: dict[str, Any] | None = None  # {"file", "format", "names"}: read at load
-    cuda_binary: dict[str, Any] | None = None  # {"file", "arch", "format", "compiler"}
+    # {"format", "arch", "compiler", "embedded": True, "file": the library itself}
+    cuda_binary: dict[str, Any] | None = None
     cuda_note: str | None = None  # why the CUDA C is compiled at load time
 
     @property
@@ -195,6 +198,7 @@ def write_bundle(
         raise UserError(f"{target}: exists and is not an empty folder")
     target.mkdir(parents=True, exist_ok=True)
     companions = [(entry or {}).get("file") for entry in (info.weights, info.cuda_binary)]
+    companions = [name for name in companions if name != source.name]
     for name in [source.name, sidecar_path(source).name, *filter(None, companions)]:
         shutil.copy2(source.parent / name, target / name)
     write_loader(target / "python")
@@ -251,3 +255,84 @@ def _bundle_ffi_wheel(folder: Path, python: str, wheels: str | os.PathLike | Non
             f"({last[:200]}); pass --wheels DIR holding {pattern}"
         )
     return found[-1]
+
+
+# ------------------------------------------------------------------------------- CUDA binaries
+
+
+def embed_cuda_binaries(blob: bytes, binaries: Sequence[tuple[str, bytes]], fmt: str) -> bytes:
+    """TVM's packed imports with each CUDA module's CUDA C replaced by its binary.
+
+    ``blob`` is what ``runtime.ModulePackImportsToTensor`` returns and ``export_library`` links
+    into the library: a little-endian u64 size, the import tree (two u64 vectors), then per
+    module its kind and, unless it is the host code (``_lib``), the bytes of its
+    ``SaveToBytes``. A CUDA module's bytes are ``[fmt][function info][code]`` (TVM 0.27
+    ``cuda_module.cc``); a module saved with fmt "cuda" holds CUDA C that the runtime compiles
+    at load, one with "fatbin" or "cubin" holds machine code the driver loads as it is.
+
+    Args:
+        blob: The packed imports.
+        binaries: (CUDA C source, its binary) pairs, one per CUDA module.
+        fmt: The binaries' format ("fatbin").
+
+    Raises:
+        ValueError: The blob is not in the layout above, or a CUDA module has no binary.
+    """
+    reader = _Reader(blob)
+    if reader.u64() != len(blob) - 8:
+        raise ValueError("the packed imports' size header does not match")
+    start = reader.pos
+    groups = reader.u64s()
+    reader.u64s()
+    out = [blob[start : reader.pos]]
+    for _ in range(len(groups) - 1):
+        kind = reader.text()
+        out.append(_packed(kind))
+        if kind == b"_lib":
+            continue
+        body = reader.text()
+        if kind == b"cuda" and body.startswith(_packed(b"cuda")):
+            body = _cuda_body(body, binaries, fmt.encode())
+        out.append(_packed(body))
+    if reader.pos != len(blob):
+        raise ValueError("the packed imports have trailing bytes")
+    rebuilt = b"".join(out)
+    return struct.pack("<Q", len(rebuilt)) + rebuilt
+
+
+def _cuda_body(body: bytes, binaries: Sequence[tuple[str, bytes]], fmt: bytes) -> bytes:
+    """``[fmt][function info][CUDA C]`` -> ``[fmt][the same function info][binary]``."""
+    for source, binary in binaries:
+        tail = _packed(source.encode("utf-8"))
+        if body.endswith(tail):
+            info = body[len(_packed(b"cuda")) : len(body) - len(tail)]
+            return _packed(fmt) + info + _packed(binary)
+    raise ValueError("a CUDA module of the build has no compiled binary")
+
+
+def _packed(data: bytes) -> bytes:
+    return struct.pack("<Q", len(data)) + data
+
+
+class _Reader:
+    """Reads TVM's byte stream: u64 sizes, u64 vectors, length-prefixed strings."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data, self.pos = data, 0
+
+    def u64(self) -> int:
+        if self.pos + 8 > len(self.data):
+            raise ValueError("the packed imports end early")
+        (value,) = struct.unpack_from("<Q", self.data, self.pos)
+        self.pos += 8
+        return value
+
+    def u64s(self) -> list[int]:
+        return [self.u64() for _ in range(self.u64())]
+
+    def text(self) -> bytes:
+        size = self.u64()
+        if self.pos + size > len(self.data):
+            raise ValueError("the packed imports end early")
+        self.pos += size
+        return self.data[self.pos - size : self.pos]

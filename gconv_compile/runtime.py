@@ -18,10 +18,12 @@ folder of the installed ``tvm`` package (found without importing it).
 CPU libraries run on every core this process may use (``os.sched_getaffinity``); TVM's own
 default pool takes one thread per physical core, half of them on a machine with SMT.
 
-A CUDA library holds CUDA C unless it was compiled at build time; the sidecar's ``cuda_binary``
-names a file of prebuilt binaries (fatbin/cubin) keyed by the sha256 of each CUDA source, so
-loading needs no CUDA compiler. Without it, ``nvcc`` (on PATH or under ``$CUDA_PATH/bin``)
-compiles the source when the library is loaded.
+A CUDA library compiled where nvcc was found holds a fatbin for its arch (the sidecar's
+``cuda_binary`` says ``"embedded": true``): TVM's CUDA module hands it to the driver as it is,
+and loading needs no CUDA compiler. A library that holds CUDA C asks for machine code through
+``tvm_callback_cuda_compile`` when it loads; the loader answers from a file of prebuilt binaries
+keyed by source sha256 when the sidecar names one (libraries from before embedding), else
+with ``nvcc`` (on PATH or under ``$CUDA_PATH/bin``).
 """
 
 from __future__ import annotations
@@ -581,6 +583,6 @@ def _prepare_cuda(library: Path | None, info: Mapping[str, Any]) -> None:
         )
     entry = info.get("cuda_binary") or {}
     binaries = {}
-    if entry.get("file") and library is not None:
+    if entry.get("file") and not entry.get("embedded") and library is not None:
         binaries = read_cuda_binaries(library.parent / entry["file"])
     _register_cuda_compile(binaries, entry.get("arch") or info["target"].get("arch", "sm_90"))

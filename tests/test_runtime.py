@@ -21,6 +21,7 @@ from test_gpu_kit import BARE_PYTHON, bare_python
 
 import gconv_compile
 from gconv_compile.errors import UserError
+from gconv_compile.library import embed_cuda_binaries
 from gconv_compile.runtime import find_nvcc, load, read_weights, runtime_dir, sidecar_path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -240,14 +241,124 @@ def test_weights_file_bad_names_are_refused(example, tmp_path, weights, message)
         )
 
 
-@pytest.mark.skipif(find_nvcc() is None, reason="no nvcc to compile the CUDA C at build time")
-def test_cuda_build_carries_a_fatbin_for_its_arch(example, tmp_path):
-    gconv_compile.compile(example[0], "cuda", arch="sm_90", output=tmp_path / "c.so")
-    side = json.loads(sidecar_path(tmp_path / "c.so").read_text())
-    assert side["cuda_binary"] == {"file": "c.so.fatbin.npz", "arch": "sm_90",
-                                   "format": "fatbin", "compiler": "nvcc"}  # fmt: skip
-    binaries = np.load(tmp_path / "c.so.fatbin.npz")
-    assert len(binaries.files) == 1 and binaries[binaries.files[0]].size > 1000
+# ------------------------------------------------------------------------------- CUDA binary
+
+needs_nvcc = pytest.mark.skipif(find_nvcc() is None, reason="no nvcc to compile CUDA C at build")
+FATBIN_MAGIC = bytes.fromhex("50ed55ba")  # fatbinary header, little-endian 0xBA55ED50
+EM_CUDA = 190
+
+
+def _cuda_elf_archs(data: bytes) -> list[int]:
+    """The SM version of every CUDA ELF (e_machine 190) embedded in ``data``."""
+    archs, at = [], data.find(b"\x7fELF", 1)
+    while at != -1:
+        if data[at + 4] == 2 and struct.unpack_from("<H", data, at + 18)[0] == EM_CUDA:
+            archs.append((struct.unpack_from("<I", data, at + 48)[0] >> 8) & 0xFF)
+        at = data.find(b"\x7fELF", at + 1)
+    return archs
+
+
+@pytest.fixture(scope="module")
+def cuda_libraries(example, tmp_path_factory) -> dict[str, Path]:
+    """Example 01 for sm_90 compiled with nvcc (fatbin embedded) and without (CUDA C)."""
+    if find_nvcc() is None:
+        pytest.skip("no nvcc to compile CUDA C at build time")
+    folder = tmp_path_factory.mktemp("cuda")
+    gconv_compile.compile(example[0], "cuda", arch="sm_90", output=folder / "c.so", check=False)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("gconv_compile.build.find_nvcc", lambda: None)
+        gconv_compile.compile(example[0], "cuda", arch="sm_90", output=folder / "src.so",
+                              check=False)  # fmt: skip
+    return {"embedded": folder / "c.so", "source": folder / "src.so"}
+
+
+@needs_nvcc
+def test_cuda_build_embeds_a_fatbin_for_its_arch(cuda_libraries):
+    library = cuda_libraries["embedded"]
+    side = json.loads(sidecar_path(library).read_text())
+    assert side["cuda_binary"] == {"format": "fatbin", "arch": "sm_90", "compiler": "nvcc",
+                                   "embedded": True, "file": "c.so"}  # fmt: skip
+    assert "cuda_note" not in side
+    assert sorted(p.name for p in library.parent.iterdir()) == ["c.so", "c.so.json", "src.so",
+                                                                "src.so.json"]  # fmt: skip
+    data = library.read_bytes()
+    assert FATBIN_MAGIC in data and _cuda_elf_archs(data) == [90]
+    assert b"__global__" not in data, "the CUDA C was replaced by the fatbin"
+    source = cuda_libraries["source"].read_bytes()
+    assert b"__global__" in source and FATBIN_MAGIC not in source and not _cuda_elf_archs(source)
+    assert (
+        "no nvcc at build time"
+        in json.loads(sidecar_path(cuda_libraries["source"]).read_text())["cuda_note"]
+    )
+
+
+# A GPU-less process loads TVM's CUDA runtime module against a stub of the driver (the 9 driver
+# functions libtvm_runtime_cuda.so links, each saying "no device"); the JIT callback fails.
+STUB_DRIVER = """
+int cuGetErrorName(int e, const char **s) { *s = "CUDA_ERROR_NO_DEVICE"; return 0; }
+int cuGetErrorString(int e, const char **s) { *s = "no device (test stub)"; return 0; }
+""" + "".join(
+    f"int {name}(void) {{ return 100; }}\n"
+    for name in ("cuDeviceGetName", "cuFuncSetAttribute", "cuLaunchKernelEx", "cuModuleGetFunction",
+                 "cuModuleLoadData", "cuModuleUnload", "cuTensorMapEncodeTiled")
+)  # fmt: skip
+LOAD_WITHOUT_JIT = """
+import sys, tvm_ffi
+from gconv_compile import runtime
+def jit(*_):
+    raise RuntimeError("JIT-CALLBACK-CALLED")
+runtime.load_runtime(cuda=True)
+tvm_ffi.register_global_func("runtime.GetCudaDeviceCount", lambda: 1, override=True)
+runtime._register_cuda_compile = lambda *_: tvm_ffi.register_global_func(
+    "tvm_callback_cuda_compile", jit, override=True)
+try:
+    runtime.load(sys.argv[1])
+except Exception as error:
+    print(error)
+"""
+
+
+@needs_nvcc
+@pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler for the driver stub")
+def test_embedded_fatbin_loads_without_asking_for_jit(cuda_libraries, tmp_path):
+    (tmp_path / "stub.c").write_text(STUB_DRIVER)
+    subprocess.run(["cc", "-shared", "-fPIC", "-Wl,-soname,libcuda.so.1", "-o",
+                    str(tmp_path / "libcuda.so.1"), str(tmp_path / "stub.c")], check=True)  # fmt: skip
+    env = {**os.environ, "LD_LIBRARY_PATH": str(tmp_path)}
+    said = {}
+    for kind, library in cuda_libraries.items():
+        done = subprocess.run([sys.executable, "-c", LOAD_WITHOUT_JIT, library.name],
+                              capture_output=True, text=True, env=env, cwd=library.parent,
+                              timeout=120)  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        said[kind] = done.stdout
+    # The CUDA C library asks for JIT when TVM's runtime creates its CUDA module...
+    assert "JIT-CALLBACK-CALLED" in said["source"]
+    # ...the fatbin library gets past that, to the first device allocation (no GPU here).
+    assert "JIT-CALLBACK-CALLED" not in said["embedded"]
+    assert "cannot start the model's VM" in said["embedded"] and "cuda" in said["embedded"].lower()
+
+
+def test_embed_cuda_binaries_refuses_what_it_cannot_read():
+    with pytest.raises(ValueError, match="size header"):
+        embed_cuda_binaries(b"\x00" * 16, [], "fatbin")
+    cuda = _packed(_packed(b"cuda") + b"INFO" + _packed(b"__global__ void k() {}"))
+    body = _packed_u64s([0, 1]) + _packed_u64s([]) + _packed(b"cuda") + cuda
+    blob = struct.pack("<Q", len(body)) + body
+    with pytest.raises(ValueError, match="no compiled binary"):
+        embed_cuda_binaries(blob, [("other source", b"BIN")], "fatbin")
+    embedded = embed_cuda_binaries(blob, [("__global__ void k() {}", b"BIN")], "fatbin")
+    expected = _packed_u64s([0, 1]) + _packed_u64s([]) + _packed(b"cuda")
+    expected += _packed(_packed(b"fatbin") + b"INFO" + _packed(b"BIN"))
+    assert embedded == struct.pack("<Q", len(expected)) + expected
+
+
+def _packed(data: bytes) -> bytes:
+    return struct.pack("<Q", len(data)) + data
+
+
+def _packed_u64s(values: list[int]) -> bytes:
+    return struct.pack(f"<{len(values) + 1}Q", len(values), *values)
 
 
 def test_bundle_runs_under_a_bare_python(example, tmp_path):
