@@ -9,7 +9,7 @@
 - ``kit/``: ``gpu_run.py`` and its helpers, ``resnext_model.py``, and the runtime subset of
   ``gconv_compile`` (``errors``, ``runtime``, ``compare``);
 - ``libs/``: for each model and dtype an sm_90 library (its CUDA C compiled here with nvcc into a
-  fatbin beside it, so loading needs no CUDA compiler) and its llvm twin for the rehearsal;
+  fatbin embedded in it, so loading needs no CUDA compiler) and its llvm twin for the rehearsal;
 - ``models/``: the ONNX models (ResNeXt-50 is regenerated from its seed on the machine, and its
   libraries take their weights from a file written there);
 - ``manifest.json`` and ``run.sh``.
@@ -96,7 +96,7 @@ def entries() -> list[Entry]:
 def build_libraries(entry: Entry, libs: Path, models: Path, cuda: bool) -> dict:
     """Compile ``entry`` for llvm (and sm_90), write its ONNX model; returns its manifest row.
 
-    ``compile`` itself compiles the CUDA C with nvcc into a fatbin beside the library (or
+    ``compile`` itself compiles the CUDA C with nvcc into a fatbin embedded in the library (or
     notes why not) and, for a generated model, writes the weights file, which the kit drops:
     the machine writes it again from the seed.
     """
