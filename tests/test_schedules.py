@@ -230,6 +230,18 @@ def test_avx2_build_matches_onnxruntime(kwargs, kind):
     assert_close(out, ref, F32)
 
 
+def test_batch_norm_lands_in_the_conv_epilogue_without_a_divide():
+    """BN decomposed for inference, its constant divisor turned into a multiplier: one conv
+    function with the whole BN in its epilogue, no separate BN function, no vector divide."""
+    model = conv_model(16, 16, (8, 8), group=4, epilogue="bn")
+    vm, decisions = compile_cpu(model)
+    (conv,) = conv_decisions(decisions)
+    assert "multiply" in conv.function and "divide" not in conv.function, conv.function
+    assert not any("batch_norm" in d.function for d in decisions), [d.line() for d in decisions]
+    out, ref = run_both(model, random_feeds(model, seed=12), vm)
+    assert_close(out, ref, F32)
+
+
 def test_symbolic_batch_runs_batch_3():
     model = conv_model(16, 32, (6, 6), group=4, batch="N")
     vm, decisions = compile_cpu(model)
@@ -319,6 +331,9 @@ def test_channel_shuffle_and_sum_are_inlined_into_one_pass():
     vm, decisions = compile_cpu(model)
     assert any("block(s) inlined" in d.detail for d in decisions), [d.line() for d in decisions]
     assert all(d.schedule == "llvm-fallback" for d in decisions), [d.line() for d in decisions]
+    # Sum(a, b) is an add (fused with what follows), not a stack and a reduction
+    names = [d.function for d in decisions]
+    assert not any("stack" in n or "sum" in n for n in names) and any("add" in n for n in names)
     out, ref = run_both(model, random_feeds(model, seed=10), vm)
     assert_close(out, ref, F32)
 

@@ -83,11 +83,27 @@ def legalize_and_fuse(target: Target) -> list:
         # conv's epilogue; legalised whole it is a separate 12-block function per BN (ShuffleNet
         # v1 ran 9x slower than onnxruntime that way)
         relax.transform.DecomposeOpsForInference(),
+        *_llvm_rewrites(target),
         relax.transform.LegalizeOps(),
         relax.transform.AnnotateTIROpPattern(),
         relax.transform.FoldConstant(),
         relax.transform.FuseOps(),
         relax.transform.FuseTIR(),
+    ]
+
+
+def _llvm_rewrites(target: Target) -> list:
+    """Constant folding, then ``cpu_relax``'s rewrites (divide by a constant, stacked Sum)."""
+    from tvm import relax
+
+    from .cpu_relax import cpu_relax_rewrites
+
+    if target.kind.name != "llvm":
+        return []
+    return [
+        relax.transform.FoldConstant(),
+        cpu_relax_rewrites,
+        relax.transform.DeadCodeElimination(),
     ]
 
 
