@@ -21,7 +21,7 @@ from test_gpu_kit import BARE_PYTHON, bare_python
 
 import gconv_compile
 from gconv_compile.errors import UserError
-from gconv_compile.library import embed_cuda_binaries
+from gconv_compile.library import embed_cuda_binaries, write_bundle
 from gconv_compile.runtime import find_nvcc, load, read_weights, runtime_dir, sidecar_path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -290,6 +290,17 @@ def test_cuda_build_embeds_a_fatbin_for_its_arch(cuda_libraries):
         "no nvcc at build time"
         in json.loads(sidecar_path(cuda_libraries["source"]).read_text())["cuda_note"]
     )
+
+
+@needs_nvcc
+def test_bundle_of_a_cuda_library_needs_no_binary_beside_it(cuda_libraries, tmp_path):
+    if not any(WHEELS.glob("apache_tvm_ffi-*-cp312-*.whl")):
+        pytest.skip(f"no tvm-ffi cp312 wheel in {WHEELS} (make gpu-kit downloads it)")
+    write_bundle(cuda_libraries["embedded"], tmp_path / "b", wheels=WHEELS)
+    assert sorted(p.name for p in (tmp_path / "b").iterdir()) == [
+        "c.so", "c.so.json", "python", "runtime"
+    ]  # fmt: skip
+    assert (tmp_path / "b" / "runtime" / "libtvm_runtime_cuda.so").is_file()
 
 
 # A GPU-less process loads TVM's CUDA runtime module against a stub of the driver (the 9 driver
