@@ -22,7 +22,14 @@ from test_gpu_kit import BARE_PYTHON, bare_python
 import gconv_compile
 from gconv_compile.errors import UserError
 from gconv_compile.library import embed_cuda_binaries, write_bundle
-from gconv_compile.runtime import find_nvcc, load, read_weights, runtime_dir, sidecar_path
+from gconv_compile.runtime import (
+    find_cudart,
+    find_nvcc,
+    load,
+    read_weights,
+    runtime_dir,
+    sidecar_path,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -332,6 +339,8 @@ except Exception as error:
 @needs_nvcc
 @pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler for the driver stub")
 def test_embedded_fatbin_loads_without_asking_for_jit(cuda_libraries, tmp_path):
+    if find_cudart(runtime_dir()) is None:
+        pytest.skip("no libcudart.so.13 for TVM's CUDA runtime (set CUDA_PATH)")
     (tmp_path / "stub.c").write_text(STUB_DRIVER)
     subprocess.run(["cc", "-shared", "-fPIC", "-Wl,-soname,libcuda.so.1", "-o",
                     str(tmp_path / "libcuda.so.1"), str(tmp_path / "stub.c")], check=True)  # fmt: skip
