@@ -133,16 +133,13 @@ def compile(  # noqa: A001 - the public name the API promises
         optimize: Run the rewrite the target asks for (fold split-conv-concat blocks).
         check: Check the rewrite against the input model in onnxruntime.
         seeds: Seeds of the random inputs of that check.
-        shapes: Bind these inputs to these shapes in the build (other symbolic dims stay
-            symbolic) and in the check.
-        emit_source: Folder to write the generated code to (``.cu`` for cuda, ``.ll`` and
-            ``.s`` for llvm).
+        shapes: Bind these inputs' shapes in the build and the check (other dims stay symbolic).
+        emit_source: Folder for the generated code (``.cu``; ``.ll`` and ``.s`` for llvm).
         tune_trials: MetaSchedule measurements to spend before the build (0: none). Needs
             ``tune_db``; tasks that already have records there are not tuned again.
         tune_db: Tuning-record folder: records found there are applied to the build.
         tune_progress: Called as ``tune_progress(done, total, eta_seconds_or_None)``.
-        weights_file: Keep the weights out of the library, in this ``.npz`` or
-            ``.safetensors`` file beside ``output`` (read at load time).
+        weights_file: Keep the weights in this ``.npz``/``.safetensors`` file beside ``output``.
         mixconv: MixConv folds: ``"auto"`` when the target's cost estimate says they are not
             slower, ``"always"`` or ``"never"``.
 
@@ -160,8 +157,7 @@ def compile(  # noqa: A001 - the public name the API promises
     loaded, spec = request.loaded, request.spec
     fingerprint = model_fingerprint(loaded)
     report = Report("compile", input=str(loaded.path) if loaded.path else None, target=spec["kind"])
-    timings: dict[str, float] = {}
-    report.extra["timings"] = timings
+    timings: dict[str, float] = report.extra.setdefault("timings", {})
     started = time.perf_counter()
     conv_forms = _optimize(
         request, report, optimize=optimize, check=check, seeds=seeds, mixconv=mixconv
