@@ -401,7 +401,12 @@ def _run_compile(args: argparse.Namespace) -> int:
     if info.weights:
         _echo(f"{'weights':8} {len(info.weights['names'])} tensors in {args.weights_file}")
     if info.cuda_binary:
-        _echo(f"{'cuda':8} {info.cuda_binary['arch']} fatbin by nvcc in {info.cuda_binary['file']}")
+        where = (
+            "embedded in the library"
+            if info.cuda_binary.get("embedded")
+            else (f"in {info.cuda_binary['file']}")
+        )
+        _echo(f"{'cuda':8} {info.cuda_binary['arch']} fatbin by nvcc, {where}")
     for path in compiled.sources:
         _echo(f"{'source':8} {path}")
     if info.target_kind == "cuda":
