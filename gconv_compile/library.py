@@ -170,7 +170,7 @@ class Runner:
 # ------------------------------------------------------------------------------- bundle
 
 # What a machine that only runs libraries needs of gconv_compile (numpy and tvm-ffi only).
-BUNDLE_MODULES = ("errors.py", "runtime.py")
+BUNDLE_MODULES = ("errors.py", "host.py", "runtime.py")
 BUNDLE_INIT = '''"""The runtime subset of gconv-compile: gconv_compile.runtime.load(PATH)."""\n'''
 FFI_PLATFORM = "manylinux_2_28_x86_64"
 

@@ -35,7 +35,6 @@ import importlib.util
 import json
 import logging
 import os
-import platform
 import shutil
 import struct
 import subprocess
@@ -49,6 +48,7 @@ import numpy as np
 import tvm_ffi
 
 from gconv_compile.errors import GconvError, UserError, one_line
+from gconv_compile.host import host_can_run
 
 logger = logging.getLogger(__name__)
 
@@ -67,43 +67,6 @@ class RunFailed(GconvError):
     """The compiled model failed on inputs it accepts: a wrong result, not bad input."""
 
     exit_code = 1
-
-
-# ------------------------------------------------------------------------------- host CPU
-
-# llvm -mcpu names we choose from, most capable first, with the /proc/cpuinfo flags each needs.
-# Here, not in targets.py, so that a machine that only runs libraries needs no onnx-ir.
-X86_MCPU_FLAGS: tuple[tuple[str, frozenset[str]], ...] = (
-    ("skylake-avx512", frozenset({"avx512f", "avx512cd", "avx512bw", "avx512dq", "avx512vl"})),
-    ("haswell", frozenset({"avx2", "fma", "bmi2", "f16c"})),
-    ("x86-64", frozenset()),
-)
-
-
-def cpu_flags() -> frozenset[str]:
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("flags"):
-                    return frozenset(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return frozenset()
-
-
-def host_can_run(spec: Mapping[str, Any]) -> str | None:
-    """Why this machine cannot run code built for ``spec`` (None when it can)."""
-    mcpu = spec.get("mcpu")
-    triple = spec.get("mtriple", "")
-    machine = platform.machine().lower()
-    if triple.startswith("x86_64") and machine not in ("x86_64", "amd64"):
-        return f"it was built for x86_64 and this machine is {machine}"
-    if triple.startswith("x86_64") and mcpu:
-        needs = dict(X86_MCPU_FLAGS).get(mcpu)
-        if needs is not None and not needs <= cpu_flags():
-            missing = ", ".join(sorted(needs - cpu_flags()))
-            return f"it was built for -mcpu={mcpu} and this CPU lacks {missing}"
-    return None
 
 
 # ------------------------------------------------------------------------------- sidecar

@@ -26,6 +26,7 @@ from typing import Any
 import onnx_ir as ir
 
 from gconv_compile.errors import UserError
+from gconv_compile.host import X86_MCPU_FLAGS, cpu_flags, host_can_run  # noqa: F401 - re-exported
 from gconv_compile.passes import (
     MIXCONV_MODES,
     ExpandGroupedConv,
@@ -44,24 +45,6 @@ TARGET_KINDS = ("llvm", "cuda")
 DEFAULT_CUDA_ARCH = "sm_80"
 # "import": what TVM's ONNX importer needs on every build, optimised or not (see build.py).
 COMMANDS = ("optimize", "expand", "compile", "import")
-
-# llvm -mcpu names we choose from, most capable first, with the /proc/cpuinfo flags each needs.
-X86_MCPU_FLAGS: tuple[tuple[str, frozenset[str]], ...] = (
-    ("skylake-avx512", frozenset({"avx512f", "avx512cd", "avx512bw", "avx512dq", "avx512vl"})),
-    ("haswell", frozenset({"avx2", "fma", "bmi2", "f16c"})),
-    ("x86-64", frozenset()),
-)
-
-
-def cpu_flags() -> frozenset[str]:
-    try:
-        with open("/proc/cpuinfo") as handle:
-            for line in handle:
-                if line.startswith("flags"):
-                    return frozenset(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return frozenset()
 
 
 def host_llvm_target(mcpu: str | None = None) -> dict[str, str]:
@@ -86,21 +69,6 @@ def host_llvm_target(mcpu: str | None = None) -> dict[str, str]:
     if mcpu:
         spec["mcpu"] = mcpu
     return spec
-
-
-def host_can_run(spec: Mapping[str, Any]) -> str | None:
-    """Why this machine cannot run code built for ``spec`` (None when it can)."""
-    mcpu = spec.get("mcpu")
-    triple = spec.get("mtriple", "")
-    machine = platform.machine().lower()
-    if triple.startswith("x86_64") and machine not in ("x86_64", "amd64"):
-        return f"it was built for x86_64 and this machine is {machine}"
-    if triple.startswith("x86_64") and mcpu:
-        needs = dict(X86_MCPU_FLAGS).get(mcpu)
-        if needs is not None and not needs <= cpu_flags():
-            missing = ", ".join(sorted(needs - cpu_flags()))
-            return f"it was built for -mcpu={mcpu} and this CPU lacks {missing}"
-    return None
 
 
 def cuda_available() -> bool:
