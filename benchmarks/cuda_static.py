@@ -109,16 +109,6 @@ def layer_model(layer: Layer, dtype: str = "float32", seed: int = 0) -> onnx.Mod
     return model
 
 
-def widen_passes(dtype: str) -> tuple:
-    """float16: the float32-accumulation pass, until ``legalize_and_fuse`` runs it itself."""
-    from gconv_compile.tvm_schedules import cuda_accumulate
-    from gconv_compile.tvm_schedules.cuda_kernels import cuda_target
-
-    if dtype != "float16" or cuda_accumulate.in_pipeline(cuda_target()):
-        return ()
-    return (cuda_accumulate.accumulate_grouped_conv_in_float32,)
-
-
 def review_layers(dtypes, arch: str = "sm_90") -> dict:
     """(layer, dtype) -> ``cuda_static.Review`` of its kernel, for every layer and dtype."""
     from gconv_compile.tvm_schedules import cuda_static
@@ -127,7 +117,7 @@ def review_layers(dtypes, arch: str = "sm_90") -> dict:
     keys, kernels = [], []
     for dtype in dtypes:
         for layer in layers():
-            found = conv_kernels(layer_model(layer, dtype), arch, before=widen_passes(dtype))
+            found = conv_kernels(layer_model(layer, dtype), arch)
             if len(found) != 1:
                 raise RuntimeError(f"{layer.name}: {len(found)} scheduled kernels, expected 1")
             keys.append((layer, dtype))

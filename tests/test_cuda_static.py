@@ -10,8 +10,8 @@ back from ptxas and the SASS (``tvm_schedules.cuda_static``). Gates:
 - no guard in the hot FMA loop (conditional branch other than the back edge, predicated FMA);
 - grouped kernels: <= 0.5 shared-memory loads per FMA, >= 40% of the loop's instructions FMAs.
 
-float16 kernels are reviewed with float32 accumulation (``cuda_accumulate``'s pass before
-``legalize_and_fuse``, as ``benchmarks/cuda_static.py`` does until the pipeline runs it).
+float16 kernels accumulate in float32 (``cuda_accumulate``'s pass, which ``legalize_and_fuse``
+runs for CUDA targets).
 
 The checks of the checker: a hand-written kernel with a guarded FMA loop, a spill and a small
 block fails the same gates.

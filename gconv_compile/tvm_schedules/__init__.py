@@ -58,6 +58,7 @@ from tvm import tirx
 from tvm.target import Target
 
 from .cpu import host_target
+from .cuda_accumulate import accumulate_grouped_conv_in_float32
 from .tuning import apply_database, kept_defaults, tune
 
 logger = logging.getLogger(__name__)
@@ -84,6 +85,7 @@ def legalize_and_fuse(target: Target) -> list:
         # v1 ran 9x slower than onnxruntime that way)
         relax.transform.DecomposeOpsForInference(),
         *_llvm_rewrites(target),
+        *_cuda_rewrites(target),
         relax.transform.LegalizeOps(),
         relax.transform.AnnotateTIROpPattern(),
         relax.transform.FoldConstant(),
@@ -105,6 +107,11 @@ def _llvm_rewrites(target: Target) -> list:
         cpu_relax_rewrites,
         relax.transform.DeadCodeElimination(),
     ]
+
+
+def _cuda_rewrites(target: Target) -> list:
+    """float16 grouped and depthwise convs accumulate in float32, as cuDNN's do."""
+    return [accumulate_grouped_conv_in_float32] if target.kind.name == "cuda" else []
 
 
 def relax_pipeline(

@@ -49,13 +49,3 @@ def accumulate_grouped_conv_in_float32(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
         if isinstance(func, relax.Function):
             out[gv] = widen.visit_expr(func)
     return out
-
-
-def in_pipeline(target) -> bool:
-    """Whether ``legalize_and_fuse`` already runs the pass for ``target``."""
-    from . import legalize_and_fuse
-
-    return any(
-        getattr(p, "info", None) is not None and p.info.name == "AccumulateGroupedConvInFloat32"
-        for p in legalize_and_fuse(target)
-    )
