@@ -10,12 +10,14 @@ N and 2N nodes (min of ``--repeats`` runs):
   user pays, the ModelProto entering onnx-ir and leaving it included (issue #14), and protobuf's
   own parse + serialise of the same model for scale.
 
-Targets: N=10,000 under 2 s, and doubling the graph costs at most 2.2x.
+Targets: N=10,000 under 2 s, and doubling the graph costs at most 2.2x. ``--gc-off`` times
+optimize with Python's garbage collector disabled, to show what the collector costs.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import platform
 import tempfile
@@ -101,14 +103,22 @@ def measure(nodes: int, repeats: int) -> dict[str, float]:
     }
 
 
-def measure_optimize(blocks: int, repeats: int) -> dict[str, float]:
-    """``gconv_compile.optimize(check=False)`` on a ModelProto of ``blocks`` 32-branch blocks."""
+def measure_optimize(blocks: int, repeats: int, *, gc_off: bool = False) -> dict[str, float]:
+    """``gconv_compile.optimize(check=False)`` on a ModelProto of ``blocks`` 32-branch blocks.
+
+    ``gc_off``: with Python's cyclic garbage collector disabled during the call (it walks every
+    live node and value of the model on each full collection).
+    """
     proto = chain_model(blocks * (WIDE_BRANCHES + 2), branches=WIDE_BRANCHES, final_relu=True)
     optimize_times, proto_times = [], []
     for _ in range(repeats):
+        if gc_off:
+            gc.disable()
         start = time.perf_counter()
         out, report = gconv_compile.optimize(proto, check=False)
         optimize_times.append(time.perf_counter() - start)
+        gc.enable()
+        gc.collect()
         assert isinstance(out, onnx.ModelProto) and len(report.rewrites) == blocks
         # each block is one Conv(group=32) now, the Split gone (it fed only the branches)
         assert [n.op_type for n in out.graph.node] == ["Conv"] * blocks + ["Relu"]
@@ -126,6 +136,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--nodes", type=int, default=10_000)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--gc-off", action="store_true", help="disable Python's GC during optimize (what it costs)"
+    )
     args = parser.parse_args()
     load = os.getloadavg()
     print(
@@ -134,7 +147,12 @@ def main() -> None:
         f"load average {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}"
     )
     print("case: gconv_compile.optimize(ModelProto, check=False), Split(32) -> 32 Conv -> Concat")
-    wide = [measure_optimize(b, args.repeats) for b in (WIDE_BLOCKS, 2 * WIDE_BLOCKS)]
+    if args.gc_off:
+        print("(Python's garbage collector disabled during optimize)")
+    wide = [
+        measure_optimize(b, args.repeats, gc_off=args.gc_off)
+        for b in (WIDE_BLOCKS, 2 * WIDE_BLOCKS)
+    ]
     print(f"{'nodes':>7} {'optimize':>9} {'proto parse+save':>17}")
     for row in wide:
         print(f"{row['nodes']:>7} {row['optimize']:>8.3f}s {row['proto']:>16.3f}s")
