@@ -7,7 +7,7 @@
 - ``runtime/``: the tvm-ffi wheel for CPython 3.12 x86-64, ``libtvm_runtime.so``,
   ``libtvm_runtime_cuda.so`` and ``libcudart.so.13`` (the TVM runtime without its compiler);
 - ``kit/``: ``gpu_run.py`` and its helpers, ``resnext_model.py``, and the runtime subset of
-  ``gconv_compile`` (``errors``, ``runtime``, ``compare``);
+  ``gconv_compile`` (``errors``, ``host``, ``runtime``, ``compare``);
 - ``libs/``: for each model and dtype an sm_90 library (its CUDA C compiled here with nvcc into a
   fatbin embedded in it, so loading needs no CUDA compiler) and its llvm twin for the rehearsal;
 - ``models/``: the ONNX models (ResNeXt-50 is regenerated from its seed on the machine, and its
