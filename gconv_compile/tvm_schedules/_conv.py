@@ -113,18 +113,70 @@ def find_conv(sch: s_tir.Schedule) -> ConvInfo | str:
     def is_param(buffer) -> bool:
         return not any(buffer.same_as(a) for a in allocated)
 
+    conv_idx = _reduction_index(sch, blocks)
+    if isinstance(conv_idx, str):
+        return conv_idx
+    rv = blocks[conv_idx]
+    operands = _conv_operands(sch.get(rv))
+    if isinstance(operands, str):
+        return operands
+    out, weight, data, extents, row, col = operands
+    shape = [_const(s) for s in data.source.shape]
+    wshape = [_const(s) for s in weight.source.shape]
+    k_out, c_per_group, kh, kw = (_const(e) for e in extents[1:2] + extents[4:7])
+    out_h, out_w = _const(extents[2]), _const(extents[3])
+    if None in (shape[1], k_out, c_per_group, kh, kw, out_h, out_w) or None in wshape:
+        return "symbolic channel, spatial or kernel size"
+    in_channels = shape[1]
+    if in_channels % c_per_group or k_out % (in_channels // c_per_group):
+        return "channel counts do not divide into groups"
+    input_is_padded = not is_param(data.source)
+    pad = _pad_producer(sch, blocks[:conv_idx], data, shape) if input_is_padded else (None, False)
+    if isinstance(pad, str):
+        return pad
+    pad_block, pad_is_identity = pad
+    problem = _blocks_around(sch, blocks, conv_idx, pad_block)
+    if problem:
+        return problem
+    return ConvInfo(
+        block=rv,
+        batch=_const(extents[0]) if _const(extents[0]) is not None else extents[0],
+        in_channels=in_channels,
+        out_channels=k_out,
+        in_per_group=c_per_group,
+        out_h=out_h,
+        out_w=out_w,
+        kernel=(kh, kw),
+        stride=(row[0], col[0]),
+        dilation=(row[1], col[1]),
+        dtype=str(out.source.dtype),
+        input_is_padded=input_is_padded,
+        pad_block=pad_block,
+        weight_param=str(weight.source.name),
+        weight_is_param=is_param(weight.source),
+        pad_is_identity=pad_is_identity,
+        epilogue=blocks[conv_idx + 1 :],
+        output_is_param=is_param(out.source),
+    )
+
+
+def _reduction_index(sch: s_tir.Schedule, blocks: list) -> int | str:
+    """Index of the one block with a reduction axis, or why there is not exactly one."""
     conv_idx, reductions = None, 0
     for i, rv in enumerate(blocks):
-        block = sch.get(rv)
-        if any(int(iv.iter_type) == _REDUCE for iv in block.iter_vars):
+        if any(int(iv.iter_type) == _REDUCE for iv in sch.get(rv).iter_vars):
             reductions += 1
             conv_idx = i
     if reductions == 0:
         return "no reduction block"
     if reductions > 1:
         return "more than one reduction block"
-    rv = blocks[conv_idx]
-    block = sch.get(rv)
+    return conv_idx
+
+
+def _conv_operands(block) -> tuple | str:
+    """(output, weight, input regions, iteration extents, row and column (stride, dilation))
+    of an NCHW conv block, or why it is not one."""
     kinds = [int(iv.iter_type) for iv in block.iter_vars]
     if kinds != [_SPATIAL] * 4 + [_REDUCE] * 3:
         return "reduction block is not an NCHW 2-D conv (iteration types)"
@@ -153,29 +205,20 @@ def find_conv(sch: s_tir.Schedule) -> ConvInfo | str:
     col = _linear(idx[3], [x, rx])
     if not _same(idx[0], n) or row is None or col is None:
         return "input rows/columns are not linear in the output position and the kernel tap"
-    shape = [_const(s) for s in data.source.shape]
-    wshape = [_const(s) for s in weight.source.shape]
-    k_out, c_per_group, kh, kw = (_const(e) for e in extents[1:2] + extents[4:7])
-    out_h, out_w = _const(extents[2]), _const(extents[3])
-    if None in (shape[1], k_out, c_per_group, kh, kw, out_h, out_w) or None in wshape:
-        return "symbolic channel, spatial or kernel size"
-    in_channels = shape[1]
-    if in_channels % c_per_group or k_out % (in_channels // c_per_group):
-        return "channel counts do not divide into groups"
-    pad_block = None
-    input_is_padded = not is_param(data.source)
-    if input_is_padded:
-        producers = [
-            p for p in blocks[:conv_idx] if sch.get(p).writes[0].source.same_as(data.source)
-        ]
-        if len(producers) != 1:
-            return "conv input is neither a parameter nor produced by one block"
-        pad_block = producers[0]
-        pad = sch.get(pad_block)
-        pad_in = [r.source for r in pad.reads]
-        pad_is_identity = len(pad_in) == 1 and [_const(d) for d in pad_in[0].shape] == shape
-    else:
-        pad_is_identity = False
+    return out, weight, data, extents, row, col
+
+
+def _pad_producer(sch: s_tir.Schedule, before: list, data, shape: list) -> tuple | str:
+    """(the block that pads the conv's input, whether it only copies), or why there is none."""
+    producers = [p for p in before if sch.get(p).writes[0].source.same_as(data.source)]
+    if len(producers) != 1:
+        return "conv input is neither a parameter nor produced by one block"
+    pad_in = [r.source for r in sch.get(producers[0]).reads]
+    return producers[0], len(pad_in) == 1 and [_const(d) for d in pad_in[0].shape] == shape
+
+
+def _blocks_around(sch: s_tir.Schedule, blocks: list, conv_idx: int, pad_block) -> str | None:
+    """Why the blocks before and after the conv are not just its padding and epilogue."""
     if conv_idx != len(blocks) - 1 and any(
         any(int(iv.iter_type) != _SPATIAL for iv in sch.get(b).iter_vars)
         for b in blocks[conv_idx + 1 :]
@@ -186,26 +229,7 @@ def find_conv(sch: s_tir.Schedule) -> ConvInfo | str:
     ]
     if others:
         return "blocks before the conv other than padding"
-    return ConvInfo(
-        block=rv,
-        batch=_const(extents[0]) if _const(extents[0]) is not None else extents[0],
-        in_channels=in_channels,
-        out_channels=k_out,
-        in_per_group=c_per_group,
-        out_h=out_h,
-        out_w=out_w,
-        kernel=(kh, kw),
-        stride=(row[0], col[0]),
-        dilation=(row[1], col[1]),
-        dtype=str(out.source.dtype),
-        input_is_padded=input_is_padded,
-        pad_block=pad_block,
-        weight_param=str(weight.source.name),
-        weight_is_param=is_param(weight.source),
-        pad_is_identity=pad_is_identity,
-        epilogue=blocks[conv_idx + 1 :],
-        output_is_param=is_param(out.source),
-    )
+    return None
 
 
 def _same(a, b) -> bool:
