@@ -18,7 +18,7 @@ import onnx_ir as ir
 from onnx_ir import external_data as ir_external_data
 
 from gconv_compile.errors import CheckFailed
-from gconv_compile.model_io import LoadedModel, count_nodes, load_model
+from gconv_compile.model_io import LoadedModel, count_nodes, gc_paused, load_model
 from gconv_compile.profiles import Profile
 from gconv_compile.reference import ReferenceRun, reference_source
 from gconv_compile.report import Report
@@ -62,7 +62,8 @@ def run_checked(
             # rewrite, new weights and onnxruntime's copy of the old ones would both be resident.
             reference = ReferenceRun(model, seeds=seeds, shapes=shapes, source=before)
         produced = _outputs_by_node(model)
-        rewrites, skips = rewrite(model)
+        with gc_paused():
+            rewrites, skips = rewrite(model)
         report.rewrites.extend(rewrites)
         report.skips.extend(skips)
         report.nodes_after = count_nodes(model)
