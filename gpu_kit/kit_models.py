@@ -106,31 +106,27 @@ def initializers(model: onnx.ModelProto) -> dict[str, np.ndarray]:
 
 def to_float16(model: onnx.ModelProto) -> onnx.ModelProto:
     """Every float32 tensor of the model (initializers, inputs, outputs) as float16."""
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    graph = out.graph
-    for index, tensor in enumerate(graph.initializer):
-        if tensor.data_type == TensorProto.FLOAT:
-            half = numpy_helper.to_array(tensor).astype(np.float16)
-            graph.initializer[index].CopyFrom(numpy_helper.from_array(half, tensor.name))
-    for value in [*graph.input, *graph.output, *graph.value_info]:
-        if value.type.tensor_type.elem_type == TensorProto.FLOAT:
-            value.type.tensor_type.elem_type = TensorProto.FLOAT16
-    return out
+    return _retyped(model, TensorProto.FLOAT, TensorProto.FLOAT16)
 
 
 def to_float32(model: onnx.ModelProto) -> onnx.ModelProto:
     """The float16 model's exact values in float32: the reference a float16 build is held to."""
+    return _retyped(model, TensorProto.FLOAT16, TensorProto.FLOAT)
+
+
+def _retyped(model: onnx.ModelProto, old: int, new: int) -> onnx.ModelProto:
+    """A copy of ``model`` with its ``old``-typed initializers, inputs and outputs as ``new``."""
+    dtype = helper.tensor_dtype_to_np_dtype(new)
     out = onnx.ModelProto()
     out.CopyFrom(model)
     graph = out.graph
     for index, tensor in enumerate(graph.initializer):
-        if tensor.data_type == TensorProto.FLOAT16:
-            wide = numpy_helper.to_array(tensor).astype(np.float32)
-            graph.initializer[index].CopyFrom(numpy_helper.from_array(wide, tensor.name))
+        if tensor.data_type == old:
+            values = numpy_helper.to_array(tensor).astype(dtype)
+            graph.initializer[index].CopyFrom(numpy_helper.from_array(values, tensor.name))
     for value in [*graph.input, *graph.output, *graph.value_info]:
-        if value.type.tensor_type.elem_type == TensorProto.FLOAT16:
-            value.type.tensor_type.elem_type = TensorProto.FLOAT
+        if value.type.tensor_type.elem_type == old:
+            value.type.tensor_type.elem_type = new
     return out
 
 

@@ -45,11 +45,10 @@ import onnxruntime as ort
 import torch
 from make_torch_fixtures import (
     EXPORTERS,
-    FALLBACK_IR_VERSION,
-    ORT_MAX_IR_VERSION,
     _randomise_batch_norm,
     _relative_stack_traces,
     op_counts,
+    save_fixture,
 )
 from onnxruntime import quantization as ortq
 from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -110,17 +109,6 @@ def _check_against_torch(model: onnx.ModelProto, module: nn.Module, shape, name:
     return error
 
 
-def _save(model: onnx.ModelProto, target: Path) -> None:
-    """Check ``model`` and write it inline, readable by onnxruntime, within the size budget."""
-    if model.ir_version > ORT_MAX_IR_VERSION:
-        model.ir_version = FALLBACK_IR_VERSION
-    onnx.checker.check_model(model, full_check=True)
-    data = model.SerializeToString()
-    if len(data) > MAX_FIXTURE_BYTES:
-        raise RuntimeError(f"{target.name}: {len(data)} bytes, over {MAX_FIXTURE_BYTES}")
-    target.write_bytes(data)
-
-
 def export_architecture(arch: Architecture, tag: str, out: Path, workdir: Path) -> Path:
     """Build ``arch`` from its seed, export it with exporter ``tag``, check and save it."""
     torch.manual_seed(arch.seed)
@@ -132,7 +120,7 @@ def export_architecture(arch: Architecture, tag: str, out: Path, workdir: Path) 
     EXPORTERS[tag](module, example, workdir / name)
     model = onnx.load(str(workdir / name), load_external_data=True)
     _relative_stack_traces(model)
-    _save(model, out / name)
+    save_fixture(model, out / name, MAX_FIXTURE_BYTES)
     error = _check_against_torch(model, module, arch.input_shape, name)
     logger.info("%s: %d bytes, max abs error vs PyTorch %.2g, ops %s",
                 name, (out / name).stat().st_size, error, op_counts(model))  # fmt: skip
@@ -176,7 +164,7 @@ def quantize_fixture(float_path: Path, arch: Architecture, workdir: Path) -> lis
                              **options)  # fmt: skip
         target = float_path.with_name(raw.name)
         model = onnx.load(str(raw))
-        _save(model, target)
+        save_fixture(model, target, MAX_FIXTURE_BYTES)
         (actual,) = _session(target).run(None, {"x": x})
         scale = float(np.max(np.abs(reference)))
         error = float(np.max(np.abs(actual - reference))) / scale

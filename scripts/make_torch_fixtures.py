@@ -271,14 +271,19 @@ def _finish(exported: Path, target: Path) -> onnx.ModelProto:
     """Load what the exporter wrote, make it readable by onnxruntime, save it with inline weights."""
     model = onnx.load(str(exported), load_external_data=True)
     _relative_stack_traces(model)
+    save_fixture(model, target)
+    return model
+
+
+def save_fixture(model: onnx.ModelProto, target: Path, max_bytes: int = MAX_FIXTURE_BYTES) -> None:
+    """Check ``model`` and write it inline, readable by onnxruntime, within ``max_bytes``."""
     if model.ir_version > ORT_MAX_IR_VERSION:
         model.ir_version = FALLBACK_IR_VERSION
     onnx.checker.check_model(model, full_check=True)
     data = model.SerializeToString()
-    if len(data) > MAX_FIXTURE_BYTES:
-        raise RuntimeError(f"{target.name}: {len(data)} bytes, over {MAX_FIXTURE_BYTES}")
+    if len(data) > max_bytes:
+        raise RuntimeError(f"{target.name}: {len(data)} bytes, over {max_bytes}")
     target.write_bytes(data)
-    return model
 
 
 def _check_against_torch(model: onnx.ModelProto, module: nn.Module, shape, name: str) -> float:
