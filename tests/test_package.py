@@ -159,3 +159,25 @@ def test_the_cli_works_from_a_folder_holding_a_passes_module(tmp_path):
     groups = [a.i for n in onnx.load(tmp_path / "out.onnx").graph.node for a in n.attribute
               if a.name == "group"]  # fmt: skip
     assert groups == [2]
+
+
+MAX_MODULE_LINES = 600
+MAX_FUNCTION_LINES = 80
+
+
+def _sources() -> list[Path]:
+    return sorted([*(ROOT / "gconv_compile").rglob("*.py"), *(ROOT / "passes").rglob("*.py")])
+
+
+@pytest.mark.parametrize("path", _sources(), ids=lambda p: str(p.relative_to(ROOT)))
+def test_modules_and_functions_stay_small(path):
+    """Issue #10's sizes: a module holds one job (<= 600 lines), a function one step (<= 80)."""
+    source = path.read_text()
+    assert source.count("\n") <= MAX_MODULE_LINES, f"{path.name}: {source.count(chr(10))} lines"
+    long = [
+        f"{node.name} ({node.end_lineno - node.lineno + 1} lines)"
+        for node in ast.walk(ast.parse(source))
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+        and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES
+    ]
+    assert not long, f"{path.name}: {', '.join(long)}"
