@@ -175,14 +175,15 @@ def test_cpu_conv_matches_onnxruntime(kwargs, kind, form):
 @pytest.mark.parametrize(
     ("size", "stride", "vector", "split"),
     [((7, 7), 1, 7, False), ((14, 14), 2, 7, True), ((12, 12), 1, 12, False),
-     ((28, 28), 2, 14, False), ((15, 15), 2, 8, False)],
-    ids=["7x7", "14x14-stride2-split", "12x12", "28x28-stride2", "15x15-stride2-odd-pad"],
+     ((28, 28), 2, 14, False), ((15, 15), 2, 8, False), ((112, 112), 2, 8, False)],
+    ids=["7x7", "14x14-stride2-split", "12x12", "28x28-stride2", "15x15-stride2-odd-pad",
+         "112x112-stride2-long-rows"],
 )  # fmt: skip
 def test_depthwise_on_narrow_rows_vectorises_the_row(size, stride, vector, split):
     """A 7-wide row has no power-of-two vector: the whole row is the vector (was scalar code).
     12 is split 12 (not 4) where a register holds 16 lanes, into 4s where it holds 4. A stride-2
     conv with short output rows pads its input into even and odd columns (an odd padded width
-    cannot)."""
+    cannot). Long stride-2 rows (56 outputs) take one vector per row and 4 rows a tile."""
     model = conv_model(32, 32, size, group=32, stride=stride)
     vm, decisions = compile_cpu(model)
     (conv,) = conv_decisions(decisions)
@@ -190,6 +191,8 @@ def test_depthwise_on_narrow_rows_vectorises_the_row(size, stride, vector, split
     expected = vector if vector <= lanes else 4
     assert f"pixel form: {expected}-wide vectors" in conv.detail, conv.detail
     assert ("input columns split even/odd" in conv.detail) == split, conv.detail
+    if stride == 2 and size[1] // 2 > 28:  # long gathered rows: one vector per row, 4 rows
+        assert "(1 ch x 4 row x 1 col)" in conv.detail, conv.detail
     out, ref = run_both(model, random_feeds(model, seed=8), vm)
     assert_close(out, ref, F32)
 

@@ -226,12 +226,19 @@ def choose_tile(
             x for x in _divisors(row_len // x_vec, 8)
             if not pointwise or conv.out_w % (x * x_vec) == 0 or (x * x_vec) % conv.out_w == 0
         ]  # fmt: skip
-        tile = _best_register_tile(budget, _divisors(conv.out_per_group, 8), x_opts, y_opts)
+        # strided convs gather their pixel vectors element by element
+        split = _can_split_columns(conv, padded_width)
+        gather = conv.stride[1] > 1 and not split
+        p_y_opts = y_opts
+        if depthwise and gather and conv.out_w > 28:
+            # long gathered rows: one vector per row, up to 4 rows. Measured 2 threads on the
+            # AVX-512 EPYC of issue #14, MobileNetV2's 96@112 s2: 4x1 tiles 177-180 us, 2x7
+            # (the FMA-per-load pick) 213, 4x7 240, 8x1 210+, even/odd split 380+
+            x_opts = [1]
+            p_y_opts = [y for y in y_opts if y <= 4]
+        tile = _best_register_tile(budget, _divisors(conv.out_per_group, 8), x_opts, p_y_opts)
         if tile:
             score, f, y, x = tile
-            # strided convs gather their pixel vectors element by element
-            split = _can_split_columns(conv, padded_width)
-            gather = conv.stride[1] > 1 and not split
             use = _lane_use(x_vec, lanes) / (2 * conv.stride[1] if gather else 1)
             candidates.append((use, score, CpuTile("pixel", lanes, x_vec, f, y, x, 1, split)))
     f_vec = _pow2_divisor(conv.out_per_group, lanes)
