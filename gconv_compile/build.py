@@ -51,6 +51,7 @@ from gconv_compile.library import (
     sidecar_path,
 )
 from gconv_compile.model_io import LoadedModel, check_output_path, count_nodes, load_model
+from gconv_compile.passes import ResolveConvTransposeOutputShape
 from gconv_compile.pipeline import run_checked
 from gconv_compile.reference import check_shape_names
 from gconv_compile.report import Report
@@ -394,7 +395,10 @@ def _import_relax(
 
     _, refusals = passes_for_target("import", kind, input_shapes=shapes)(model)
     if refusals:
-        raise UserError(f"{refusals[0].reason}, and TVM ignores output_shape; bind it with --shape")
+        skip = refusals[0]
+        if skip.pass_name == ResolveConvTransposeOutputShape.pass_name:
+            raise UserError(f"{skip.reason}, and TVM ignores output_shape; bind it with --shape")
+        raise UserError(f"{skip.reason}; TVM's ONNX importer cannot read it")
     ir.external_data.load_to_model(model)  # TVM reads tensors from the proto, not from files
     proto = ir.serde.serialize_model(model)
     renames = _c_identifier_inputs(proto)

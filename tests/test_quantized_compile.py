@@ -24,6 +24,7 @@ from onnx import TensorProto, helper
 
 from gconv_compile import optimize
 from gconv_compile.build import compile
+from gconv_compile.errors import UserError
 from gconv_compile.reference import random_inputs, run_ort_model
 from gconv_compile.verify import verify
 
@@ -127,3 +128,15 @@ def test_every_lowered_operator_imports_into_tvm_and_verifies(tmp_path):
     result = verify(proto, library=library, seeds=(0, 1))
     assert result.passed, [s.to_dict() for s in result.check.outputs]
     assert {s.name: s.max_abs_error for s in result.check.outputs}["c"] == 0
+
+
+def test_an_import_refusal_other_than_output_shape_says_what_tvm_cannot_read(tmp_path):
+    """A QOperator op the lowering refuses (an NHWC pool) stops the build with its own reason,
+    not the ConvTranspose output_shape advice."""
+    from test_passes_lower_qoperator import _channels_last_pool
+
+    with pytest.raises(UserError) as caught:
+        compile(_channels_last_pool(), "llvm", optimize=False)
+    message = str(caught.value)
+    assert "channels_last" in message and "TVM's ONNX importer cannot read it" in message
+    assert "output_shape" not in message
