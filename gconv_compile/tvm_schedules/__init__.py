@@ -86,7 +86,7 @@ def legalize_and_fuse(target: Target) -> list:
         relax.transform.DecomposeOpsForInference(),
         *_llvm_rewrites(target),
         *_cuda_rewrites(target),
-        relax.transform.LegalizeOps(),
+        relax.transform.LegalizeOps(customize_legalize_map=_legalize_map(target)),
         relax.transform.AnnotateTIROpPattern(),
         relax.transform.FoldConstant(),
         relax.transform.FuseOps(),
@@ -107,6 +107,15 @@ def _llvm_rewrites(target: Target) -> list:
         cpu_relax_rewrites,
         relax.transform.DeadCodeElimination(),
     ]
+
+
+def _legalize_map(target: Target) -> dict | None:
+    """float16 grouped convs on CUDA may take the tensor-core form (``cuda_tensorcore``)."""
+    from . import cuda_tensorcore
+
+    if target.kind.name == "cuda" and cuda_tensorcore.applies(target):
+        return {"relax.nn.conv2d": cuda_tensorcore.legalize_conv2d}
+    return None
 
 
 def _cuda_rewrites(target: Target) -> list:

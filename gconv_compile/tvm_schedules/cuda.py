@@ -32,6 +32,7 @@ import logging
 from tvm import s_tir, tirx
 from tvm.target import Target
 
+from . import cuda_tensorcore
 from ._conv import ConvInfo, find_conv, single_epilogue
 from .cuda_tiles import CudaTile, choose_tile, fmas_per_thread
 
@@ -50,6 +51,9 @@ def schedule_conv(
     """Schedule a grouped or depthwise conv; dense convs and the rest are left to dlight."""
     del constant_params, form  # weights keep their layout on CUDA
     sch = s_tir.Schedule(func)
+    if cuda_tensorcore.is_tensorcore(sch):
+        scheduled, why = cuda_tensorcore.schedule(func)
+        return scheduled, "cuda-grouped-tensorcore", why, None
     conv = find_conv(sch)
     if isinstance(conv, str):
         return None, "", conv, None

@@ -26,6 +26,8 @@ from gconv_compile.tvm_schedules.cuda_kernels import Kernel
 
 INCLUDE = Path(__file__).parent / "include"
 _SHARED = re.compile(r"__shared__\s+alignas\((\d+)\)\s+")
+# dynamic shared memory: a fixed 64 KiB array in the same section (filled with NaN bytes too)
+_DYNAMIC = re.compile(r"extern __shared__\s+__align__\((\d+)\)\s+(\w+)\s+(\w+)\[\];")
 _LAUNCH_BOUNDS = re.compile(r"__launch_bounds__\((\d+)\)")
 _CACHE = Path(tempfile.gettempdir()) / "gconv_cuda_host"
 
@@ -59,6 +61,7 @@ def compiler() -> str | None:
 def host_source(kernel: Kernel, source: str | None = None) -> str:
     """The kernel's CUDA C as C++ for the host header, with the launcher appended."""
     text = _SHARED.sub(r"alignas(\1) CUDA_HOST_SHARED ", source or kernel.source)
+    text = _DYNAMIC.sub(r"alignas(\1) CUDA_HOST_SHARED \2 \3[65536 / sizeof(\2)];", text)
     return text + _LAUNCHER.format(name=kernel.name, n_args=len(kernel.args))
 
 
@@ -91,6 +94,9 @@ class HostKernel:
         grid = dims(*(grid or self.kernel.grid))
         block = dims(*self.kernel.block)
         diverged = self.library.cuda_host_run(pointers, grid, block, order)
+        if diverged < 0:
+            raise RuntimeError(f"{self.kernel.name}: {-diverged} WMMA call(s) with a pointer not "
+                               "32-byte aligned or an ldm not a multiple of 16 bytes")  # fmt: skip
         if diverged:
             raise RuntimeError(f"{self.kernel.name}: {diverged} block(s) reached a barrier after "
                                "some of their threads exited")  # fmt: skip
@@ -104,7 +110,7 @@ def build(kernel: Kernel, source: str | None = None) -> HostKernel:
         raise ValueError(f"{kernel.name}: {kernel.threads} threads, __launch_bounds__ "
                          f"{bound.group(1)}")  # fmt: skip
     text = host_source(kernel, source)
-    header = (INCLUDE / "cuda_host.h").read_bytes()
+    header = b"".join(path.read_bytes() for path in sorted(INCLUDE.iterdir()))
     digest = hashlib.sha256(text.encode() + header).hexdigest()[:20]
     _CACHE.mkdir(exist_ok=True)
     library = _CACHE / f"{kernel.name}-{digest}.so"

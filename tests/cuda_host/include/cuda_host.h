@@ -12,6 +12,7 @@
 // threadIdx/blockIdx/blockDim/gridDim, __syncthreads, the half type with float conversions and
 // arithmetic rounded to half after each operation, vector types (float2/4, int2/4, uint2/4,
 // half2, half4) and make_*, __ldg, min/max.
+// The nvcuda::wmma API comes from mma.h (every lane holds the whole tile).
 // Not supported (compile errors, listed in tests/test_cuda_on_cpu.py): warp shuffles and votes,
 // atomics, inline PTX (mma, ldmatrix, cp.async), dynamic shared memory, textures.
 #pragma once
@@ -146,6 +147,7 @@ struct Block {
 };
 
 static Block block_state;
+static int wmma_misuse = 0;  // counted by mma.h's WMMA stand-in
 
 static void fiber_entry() {
   block_state.body(block_state.arg);
@@ -195,7 +197,8 @@ static bool run_block(int threads, int order, char* stacks, size_t stack_size) {
 #define __syncthreads() cuda_host::syncthreads()
 
 // Launch `body(arg)` (a call of the kernel) over the grid. order: 0 forward, 1 reverse.
-// Returns 0, or the number of blocks whose threads exited before a barrier others waited at.
+// Returns 0, the number of blocks whose threads exited before a barrier others waited at, or
+// minus the number of misused WMMA calls (mma.h).
 static int cuda_host_launch(const int grid[3], const int block[3], int order,
                             void (*body)(void*), void* arg) {
   const size_t stack_size = 256 * 1024;
@@ -208,6 +211,7 @@ static int cuda_host_launch(const int grid[3], const int block[3], int order,
   cuda_host::block_state.body = body;
   cuda_host::block_state.arg = arg;
   cuda_host::block_state.barrier_with_exited = 0;
+  cuda_host::wmma_misuse = 0;
   for (int z = 0; z < grid[2]; ++z)
     for (int y = 0; y < grid[1]; ++y)
       for (int x = 0; x < grid[0]; ++x) {
@@ -219,5 +223,6 @@ static int cuda_host_launch(const int grid[3], const int block[3], int order,
       }
   std::free(stacks);
   delete[] fibers;
+  if (cuda_host::wmma_misuse != 0) return -cuda_host::wmma_misuse;
   return cuda_host::block_state.barrier_with_exited;
 }
