@@ -6,6 +6,9 @@
 - ``sum(stack([a, b, ...]), axis=0)`` -> ``a + b + ...``: the ONNX importer writes ``Sum`` that
   way, a reduction FuseOps cannot fuse with the Relu after it (ShuffleNet's residual adds were a
   stack-sum function and a Relu function each); an add fuses, often into the conv before it.
+- ``Tuple(y, mean, var)[0]`` -> ``y`` (``CanonicalizeBindings``): batch norm decomposed for
+  inference leaves that tuple, and FuseOps ends a group at it, so a residual add and Relu after a
+  conv's batch norm ran as a function of their own (ShuffleNet v1: 1.86 instead of 2.20 ms).
 
 The results equal the originals up to float rounding (x * (1/c) is within an ulp of x / c).
 """
@@ -65,7 +68,13 @@ def _reciprocal(call):
 
 @tvm.transform.module_pass(opt_level=0, name="GconvCpuRelaxRewrites")
 def cpu_relax_rewrites(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
-    """Apply the rewrites to every Relax function of ``mod``."""
+    """Apply the rewrites to every Relax function of ``mod``.
+
+    First ``CanonicalizeBindings``: batch norm decomposed for inference leaves
+    ``Tuple(y, mean, var)[0]``, and FuseOps ends a group at the tuple, so the residual add and
+    Relu after a conv's batch norm got a function of their own (ShuffleNet v1's 13 units).
+    """
+    mod = relax.transform.CanonicalizeBindings()(mod)
     rewriter = _Rewriter(mod)
     for gv, func in list(mod.functions_items()):
         if isinstance(func, relax.Function):
