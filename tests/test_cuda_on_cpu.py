@@ -13,10 +13,15 @@ in float32, both as the pipeline builds them today (float16 accumulators) and wi
 Planted bugs must fail: every barrier removed, the barrier that protects a shared tile from the
 next stage's load removed, the grid one block short, the input tile one load short.
 
+The tensor-core kernels (``cuda_tensorcore``, float16 grouped convs accumulated in float32) call
+``nvcuda::wmma``; ``tests/cuda_host/include/mma.h`` emulates it (every lane holds the whole
+16x16 tile) and counts pointers and strides a GPU would reject; their cases and planted bugs are
+in ``test_cuda_tensorcore.py``.
+
 What the harness cannot execute (g++ rejects it, the case fails loudly rather than passing):
-warp shuffles and votes, atomics, inline PTX (``mma``, ``ldmatrix``, ``cp.async``), dynamic
-shared memory, textures. The schedules use none of them today; a tensor-core path would need
-the GPU kit's run on a GPU.
+warp shuffles and votes, atomics, inline PTX (``mma.sync``, ``ldmatrix``, ``cp.async``),
+textures. The schedules use none of them; how fast the WMMA instructions run, and that the
+fragments' real lane layout changes nothing, only a GPU shows (the GPU kit).
 """
 
 from __future__ import annotations
@@ -81,6 +86,37 @@ def reference(model_f32, x) -> np.ndarray:
     return session.run(None, {"X": x.astype(np.float32)})[0]
 
 
+def expected_schedule(case: dict, dtype: str) -> str:
+    """The schedule the pipeline picks: depthwise, or for a grouped conv the tensor-core form
+    when it is float16 (the CUDA pipeline always accumulates those in float32) and
+    ``cuda_tensorcore.plan`` prefers it."""
+    from gconv_compile.tvm_schedules.cuda_tensorcore import plan
+
+    if case["group"] == case["c_in"] == case.get("c_out", case["c_in"]):
+        return "cuda-depthwise-spatial"
+    if dtype.startswith("float16"):
+        k = case.get("kernel", 3)
+        taps = k * k if isinstance(k, int) else k[0] * k[1]
+        group = case["group"]
+        chosen = plan(group, case["c_out"] // group, case["c_in"] // group, taps,
+                      _out_pixels(case))  # fmt: skip
+        if chosen.chosen:
+            return "cuda-grouped-tensorcore"
+    return "cuda-grouped-igemm"
+
+
+def _out_pixels(case: dict) -> int:
+    """N x OH x OW of a ``conv_case``."""
+    k = case.get("kernel", 3)
+    k = (k, k) if isinstance(k, int) else k
+    d, s = case.get("dilation", 1), case.get("stride", 1)
+    pads = case.get("pads") or [d * (k[0] // 2), d * (k[1] // 2)] * 2
+    size = case.get("size", (case.get("size_h"), case.get("size_w")))
+    oh = (size[0] + pads[0] + pads[2] - d * (k[0] - 1) - 1) // s + 1
+    ow = (size[1] + pads[1] + pads[3] - d * (k[1] - 1) - 1) // s + 1
+    return case.get("batch", 1) * oh * ow
+
+
 def the_kernel(model, schedule: str, before: tuple = ()):
     kernels = conv_kernels(model, before=before)
     assert [k.schedule for k in kernels] == [schedule], [k.detail for k in kernels]
@@ -140,8 +176,7 @@ TOL["float16-acc32"] = dict(rtol=4e-3, atol=4e-3)
 @pytest.mark.parametrize("case", GROUPED + DEPTHWISE)
 def test_kernel_matches_onnxruntime(case, dtype):
     model, model_f32, x = conv_case(**case, dtype=dtype.removesuffix("-acc32"))
-    schedule = "cuda-depthwise-spatial" if case["group"] == case["c_in"] == case["c_out"] else (
-        "cuda-grouped-igemm")  # fmt: skip
+    schedule = expected_schedule(case, dtype)
     before = (accumulate_grouped_conv_in_float32,) if dtype.endswith("-acc32") else ()
     kernel = the_kernel(model, schedule, before)
     ref = reference(model_f32, x)
@@ -301,7 +336,8 @@ def test_network_layer_matches_onnxruntime(layer, dtype):
     model, model_f32, x = conv_case(layer.channels, layer.channels, (layer.size, layer.size),
                                     group=layer.group, stride=layer.stride,
                                     dtype=dtype.removesuffix("-acc32"))  # fmt: skip
-    schedule = "cuda-depthwise-spatial" if layer.kind == "depthwise" else "cuda-grouped-igemm"
+    case = dict(c_in=layer.channels, c_out=layer.channels, group=layer.group)
+    schedule = expected_schedule(case, dtype)
     before = (accumulate_grouped_conv_in_float32,) if dtype.endswith("-acc32") else ()
     kernel = the_kernel(model, schedule, before)
     np.testing.assert_allclose(run(kernel, x), reference(model_f32, x), **TOL[dtype],

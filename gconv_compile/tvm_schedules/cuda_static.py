@@ -248,6 +248,14 @@ def hot_loop(instrs: list[Instr]) -> HotLoop:
     )
 
 
+def _mma_share(sass: list[Instr], loop: HotLoop) -> float:
+    """The part of the hot loop's multiply-adds that MMAs do (0 for CUDA-core code)."""
+    del loop
+    ops = [_fma_ops(i) for i in sass]
+    mma = sum(o for i, o in zip(sass, ops) if i.opcode.startswith("HMMA") and o)
+    return mma / max(sum(ops), 1)
+
+
 def conv_work(kernel: Kernel) -> tuple[int, int, int]:
     """(FLOPs, minimum bytes, reduction length) of the conv kernel, from its arguments."""
     output = next(a for a in kernel.args if a.is_output)
@@ -313,5 +321,9 @@ def _bound(kernel: Kernel, ptxas: Ptxas, sass: list[Instr], gpu: Gpu) -> Review:
         lanes * fma_per_lane * loop.shared_load_bytes / gpu.shared_bytes_per_clk / gpu.clock_hz
     )
     dram_s = min_bytes / gpu.dram_bytes_s
-    bound, by = max((issue_s, "issue"), (shared_s, "shared"), (dram_s, "dram"))
+    # the tensor cores' own rate: every MAC the busiest SM's MMAs do (padding included)
+    mma_share = _mma_share(sass, loop)
+    tensor_s = lanes * fmas * mma_share / (gpu.peak_flops["float16"] / 2 / gpu.sms)
+    bound, by = max((issue_s, "issue"), (shared_s, "shared"), (dram_s, "dram"),
+                    (tensor_s, "tensor"))  # fmt: skip
     return Review(kernel, ptxas, loop, flops, min_bytes, roofline, bound, by)

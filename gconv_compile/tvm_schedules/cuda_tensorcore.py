@@ -40,7 +40,8 @@ TENSOR_FLOPS = 989e12  # H200 SXM float16 dense tensor-core peak (datasheet)
 CUDA_CORE_FLOPS = 67e12  # H200 SXM float32 FMA peak (datasheet)
 MIN_ARCH = 70  # WMMA: Volta and later
 SMS = 132
-MAX_SHARED_BYTES = 40 * 1024
+MAX_SHARED_BYTES = 48 * 1024  # without the opt-in for more
+MIN_FRAGS = 4
 
 
 def _ceil(a: int, b: int) -> int:
@@ -57,6 +58,7 @@ class TensorCorePlan:
     pixels: int  # N * OH * OW
     tensor_us: float  # estimate, tensor cores
     cuda_core_us: float  # estimate, CUDA cores
+    tile: TensorCoreTile | None = None  # None: no tile passes the gates (see choose_tile)
 
     @property
     def rows(self) -> int:  # Mp
@@ -73,10 +75,14 @@ class TensorCorePlan:
 
     @property
     def chosen(self) -> bool:
-        return self.tensor_us < self.cuda_core_us
+        return self.tile is not None and self.tensor_us < self.cuda_core_us
 
     def describe(self) -> str:
         verdict = "tensor cores" if self.chosen else "CUDA cores"
+        if self.tile is None:
+            return (f"CUDA cores: no tensor-core tile fills {SMS} SMs with {MIN_FRAGS}+ "
+                    f"accumulator tiles per warp ({self.groups // self.pack} GEMMs of "
+                    f"{self.rows}x{self.depth} x {self.pixels} px)")  # fmt: skip
         return (f"{verdict}: {self.pack} group(s) per {self.rows}-row WMMA tile, "
                 f"{self.waste:.1f}x padded work, estimate {self.tensor_us:.2f} us on tensor cores "
                 f"vs {self.cuda_core_us:.2f} us on CUDA cores (datasheet rates)")  # fmt: skip
@@ -90,8 +96,9 @@ def plan(groups: int, kg: int, cg: int, taps: int, pixels: int) -> TensorCorePla
     useful = 2.0 * groups * kg * cg * taps * pixels
     probe = TensorCorePlan(groups, pack, kg, cg, taps, pixels, 0.0, 0.0)
     tensor = useful * probe.waste / TENSOR_FLOPS * 1e6
+    tile = choose_tile(groups // pack, probe.rows, probe.depth, pixels)
     return TensorCorePlan(groups, pack, kg, cg, taps, pixels, tensor,
-                          useful / CUDA_CORE_FLOPS * 1e6)  # fmt: skip
+                          useful / CUDA_CORE_FLOPS * 1e6, tile)  # fmt: skip
 
 
 def applies(target) -> bool:
@@ -119,7 +126,7 @@ def legalize_conv2d(bb, call):
     chosen = plan(groups, f // groups, cg, kh * kw, n * oh * ow)
     if not chosen.chosen or cg == 1 and f == groups:
         return default(bb, call)
-    tile = choose_tile(groups // chosen.pack, chosen.rows, chosen.depth, chosen.pixels).pixels
+    tile = chosen.tile.pixels
     wt = bb.emit_te(_weights_te, w, groups, chosen.pack, primfunc_name_hint="gconv_tc_weights")
     return bb.call_te(_conv_te, x, wt, (f, cg, kh, kw), attrs, groups, chosen.pack, tile,
                       chosen.describe(), primfunc_name_hint="conv2d_tensorcore")  # fmt: skip
@@ -196,24 +203,38 @@ class TensorCoreTile:
                 "per shared stage")  # fmt: skip
 
 
-def choose_tile(supers: int, rows: int, depth: int, pixels: int) -> TensorCoreTile:
-    """Fill the SMs first, then the least pixel padding, the widest pixel tile (weight reuse),
-    the fewest stages. ``rows``/``depth``: the GEMM's padded M and K; ``pixels``: N*OH*OW."""
+def choose_tile(supers: int, rows: int, depth: int, pixels: int) -> TensorCoreTile | None:
+    """The tile for the GEMM (``rows``/``depth``: its padded M and K; ``pixels``: N*OH*OW), or
+    None when no tile passes issue #13's gates: >= 64 threads, a full wave of blocks on 132 SMs
+    (where 16-pixel tiles could fill one), >= MIN_FRAGS accumulator tiles per warp (with fewer,
+    fragment loads and addressing were 60-66% of the MMA loop's instructions on ResNeXt-50's
+    shapes), the reduction in one shared stage. Among those: the least pixel padding, the most accumulator
+    tiles per warp, the widest pixel tile, the fewest reduction stages."""
     warps_m = rows // 16
     depth_frags = depth // 16
     best, best_key = None, None
     for warps_p in (1, 2, 4, 8):
-        for frags_p in (1, 2, 4):
+        for frags_p in (1, 2, 3, 4):
             threads = 32 * warps_m * warps_p
             if threads > 512:
                 continue
             tile_px = warps_p * frags_p * 16
-            stage = max(d for d in _divisors(depth_frags)
-                        if 2 * 16 * d * (rows + tile_px) <= MAX_SHARED_BYTES)  # fmt: skip
+            # the whole reduction in one shared stage (a staged loop carries the im2col
+            # copy's bounds checks into the MMA loop), float32 accumulators beside it
+            shared = 2 * depth * (rows + tile_px) + 4 * rows * tile_px
+            if shared > MAX_SHARED_BYTES:
+                continue
+            stage = depth_frags
             tile = TensorCoreTile(warps_m, warps_p, frags_p, stage)
             blocks = supers * math.ceil(pixels / tile_px)
             padded = _ceil(pixels, tile_px) / pixels
-            key = (threads < 64, blocks < SMS, round(padded, 2), -tile_px, -stage)
+            # more accumulator tiles per warp: more MMAs per fragment load
+            # a conv that 16-pixel tiles cannot spread over the SMs underfills them on any
+            # kernel; the others must fill a wave
+            wave = supers * math.ceil(pixels / 16) >= SMS
+            if threads < 64 or (wave and blocks < SMS) or frags_p < MIN_FRAGS:
+                continue
+            key = (round(padded, 1), -frags_p, -tile_px, -stage)
             if best_key is None or key < best_key:
                 best, best_key = tile, key
     return best
@@ -255,6 +276,9 @@ def schedule(func: tirx.PrimFunc) -> tuple[tirx.PrimFunc, str]:
     init = sch.decompose_reduction(gemm, k_outer)
     _tensorize(sch, gemm, init, acc, m_inner, fragments)
     func = sch.mod["main"].with_attr("tirx.is_scheduled", True)
+    # read by cuda_static: multiply-adds per thread, padding included (8 lanes' share of a
+    # 16x16x16 MMA is 128 each; a warp's tile is 16 rows x frags_p x 16 px)
+    func = func.with_attr("gconv.fmas_per_thread", 8 * tile.frags_p * depth)
     return func, f"{why}; {tile.describe()}"
 
 

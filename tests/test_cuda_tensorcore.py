@@ -1,0 +1,138 @@
+"""The tensor-core kernels for float16 grouped convs compute what onnxruntime computes.
+
+``cuda_tensorcore`` legalises a float16 grouped conv (accumulated in float32) as a batched GEMM
+of super-groups on WMMA 16x16x16 tiles. The generated CUDA C runs on the CPU through the same
+harness as ``test_cuda_on_cpu.py``; ``tests/cuda_host/include/mma.h`` stands in for
+``nvcuda::wmma`` (every lane holds the whole tile; misaligned pointers and strides counted).
+Cases cover the packings (8, 4, 2, 1 group(s) per tile; 16 and 32 rows), sizes that no tile
+divides, stride, dilation, batch, 1x1 and 3x5 kernels, and the epilogues; the float16
+tolerance is the one of the float16-acc32 cases (float32 sums, one rounding at the store).
+
+Planted bugs must fail: a barrier removed, a fragment stride off, the accumulator never filled.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+from test_cuda_on_cpu import TOL, conv_case, reference, run, the_kernel
+
+pytest.importorskip("tvm")
+
+from cuda_host import harness  # noqa: E402
+
+from gconv_compile.tvm_schedules import cuda_tensorcore  # noqa: E402
+from gconv_compile.tvm_schedules.cuda_accumulate import (  # noqa: E402
+    accumulate_grouped_conv_in_float32,
+)
+
+if harness.compiler() is None:
+    pytest.skip("no g++ to compile the CUDA C for the CPU", allow_module_level=True)
+
+WIDEN = (accumulate_grouped_conv_in_float32,)
+FORM = "cuda-grouped-tensorcore"
+CASES = [  # the tile needs the whole reduction (pack x Cg x kh x kw) in one shared stage
+    pytest.param(dict(c_in=64, c_out=128, size=(11, 13), group=8), id="kg16-cg8-11x13"),
+    pytest.param(dict(c_in=32, c_out=64, size=(19, 19), group=8, stride=2), id="kg8-pack2-s2"),
+    pytest.param(
+        dict(c_in=24, c_out=96, size=(7, 9), group=3, dilation=2, batch=2),
+        id="kg32-dilation2-batch2",
+    ),  # fmt: skip
+    pytest.param(
+        dict(
+            c_in=64,
+            c_out=64,
+            size=(10, 10),
+            group=16,
+            kernel=1,
+            pads=[0] * 4,
+            epilogue="none",
+            bias=False,
+        ),
+        id="kg4-pack4-1x1",
+    ),  # fmt: skip
+    pytest.param(
+        dict(c_in=64, c_out=64, size=(9, 9), group=4, kernel=1, pads=[0] * 4, epilogue="residual"),
+        id="kg16-1x1-residual",
+    ),  # fmt: skip
+    pytest.param(
+        dict(c_in=8, c_out=32, size=(8, 6), group=2, kernel=(3, 5), pads=[0, 1, 2, 1]),
+        id="kg16-3x5-asym-pad",
+    ),  # fmt: skip
+    pytest.param(dict(c_in=8, c_out=16, size=(9, 9), group=8), id="multiplier2-pack8"),
+]
+
+
+def _kernel(case):
+    model, model_f32, x = conv_case(**case, dtype="float16")
+    return the_kernel(model, FORM, WIDEN), x, reference(model_f32, x)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_tensorcore_kernel_matches_onnxruntime(case):
+    kernel, x, ref = _kernel(case)
+    for order in (0, 1):
+        np.testing.assert_allclose(run(kernel, x, order=order), ref, **TOL["float16-acc32"],
+                                   err_msg=f"{kernel.detail}, order {order}")  # fmt: skip
+
+
+def test_cases_cover_packings_and_row_tiles():
+    packs, rows = set(), set()
+    for param in CASES:
+        kernel, _, _ = _kernel(param.values[0])
+        found = re.search(r"(\d+) group\(s\) per (\d+)-row", kernel.detail)
+        packs.add(int(found.group(1)))
+        rows.add(int(found.group(2)))
+    assert packs >= {1, 2, 4, 8} and rows >= {16, 32}, (packs, rows)
+
+
+def test_depthwise_float32_and_gate_failing_tiles_stay_on_cuda_cores():
+    depthwise = cuda_tensorcore.plan(32, 1, 1, 9, 196)
+    assert not depthwise.chosen and "CUDA cores" in depthwise.describe()
+    # ResNeXt-50's stage-3 conv at batch 1: no tile fills the SMs with 4 accumulator tiles
+    stage3 = cuda_tensorcore.plan(32, 16, 16, 9, 196)
+    assert stage3.tile is None and "no tensor-core tile" in stage3.describe()
+    model, _, _ = conv_case(32, 32, (14, 14), group=32, dtype="float16")
+    assert the_kernel(model, "cuda-depthwise-spatial", WIDEN).schedule == "cuda-depthwise-spatial"
+    model, _, _ = conv_case(128, 128, (14, 14), group=32)  # float32: no WMMA for it here
+    assert the_kernel(model, "cuda-grouped-igemm").schedule == "cuda-grouped-igemm"
+
+
+# ------------------------------------------------------------------------------ planted bugs
+
+
+def _fails(kernel, x, ref, source) -> bool:
+    for order in (0, 1):
+        try:
+            out = run(kernel, x, order=order, source=source)
+        except RuntimeError:
+            return True
+        if not np.allclose(out, ref, **TOL["float16-acc32"]):
+            return True
+    return False
+
+
+@pytest.mark.parametrize("case", [CASES[0], CASES[4]])
+def test_missing_barriers_fail(case):
+    kernel, x, ref = _kernel(case)
+    assert not _fails(kernel, x, ref, kernel.source), "the unedited kernel must match"
+    barriers = list(re.finditer(r"__syncthreads\(\);", kernel.source))
+    assert len(barriers) >= 2
+    for match in barriers:
+        edited = kernel.source[: match.start()] + kernel.source[match.end() :]
+        assert _fails(kernel, x, ref, edited), match.start()
+
+
+def test_bad_fragment_stride_and_missing_fill_fail():
+    kernel, x, ref = _kernel(CASES[2].values[0])
+    load = re.search(r"(load_matrix_sync\([^;]*, )(\d+)\);", kernel.source)
+    assert load is not None
+    off_by_one = kernel.source.replace(load.group(0),
+                                       f"{load.group(1)}{int(load.group(2)) - 1});", 1)  # fmt: skip
+    with pytest.raises(RuntimeError, match="WMMA"):
+        run(kernel, x, source=off_by_one)
+    no_fill = re.sub(r"nvcuda::wmma::fill_fragment\([^;]*\);", "", kernel.source)
+    assert no_fill != kernel.source
+    assert _fails(kernel, x, ref, no_fill)
