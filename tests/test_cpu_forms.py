@@ -44,3 +44,26 @@ def test_channel_form_pointwise_conv_matches_onnxruntime():
         assert "channel form" in conv.detail, conv.line()
     out, ref = run_both(model, random_feeds(model, seed=42), vm)
     assert_close(out, ref, F32)
+
+
+@pytest.mark.parametrize(
+    ("c_in", "c_out", "accumulators"),
+    [(2048, 1024, 28), (320, 1280, 28), (160, 960, 21), (1024, 2048, 28)],
+    ids=["2048-1024", "320-1280", "160-960-short", "1024-2048"],
+)
+def test_long_1x1_reduction_on_7x7_takes_4_x_7_accumulators(c_in, c_out, accumulators):
+    """AVX-512: 4 channel vectors x 7 pixels use all 32 registers (broadcasts from memory)."""
+    tile = cpu.choose_tile(dense_conv(c_in, c_out, 7), 16, 32, can_pack=True)
+    assert tile.form == "channel" and tile.f_reg * tile.x_reg == accumulators, tile.describe()
+    avx2 = cpu.choose_tile(dense_conv(c_in, c_out, 7), 8, 16, can_pack=True)
+    assert avx2.f_reg * avx2.y_reg * avx2.x_reg <= 12, avx2.describe()
+
+
+def test_4_x_7_tile_matches_onnxruntime():
+    model = conv_model(256, 64, (7, 7), kernel=(1, 1), pads=(0, 0, 0, 0), seed=43)
+    vm, decisions = compile_cpu(model)
+    (conv,) = conv_decisions(decisions)
+    if "16 lanes" in conv.detail:
+        assert "28 accumulators (4 ch x 1 row x 7 col)" in conv.detail, conv.line()
+    out, ref = run_both(model, random_feeds(model, seed=44), vm)
+    assert_close(out, ref, F32)

@@ -177,6 +177,19 @@ def _row_vector(row_len: int, lanes: int, pow2: int) -> int:
     return best if _lane_use(best, lanes) > 1.5 * _lane_use(pow2, lanes) else pow2
 
 
+def _small_map_extra_accumulators(conv: ConvInfo, registers: int) -> int:
+    """Two more accumulators (4 x 7, all 32 registers with broadcasts from memory) for 1x1
+    convs on maps of <= 49 pixels with long reductions, where 7 pixels is the widest tile.
+
+    In the models, 2 threads, AVX-512 EPYC: ResNeXt-50's 1024->2048 and 2048->1024 on 7x7 and
+    MobileNetV2's 320->1280 and 960->320 took 0.87-0.91x the time of 2 x 7; its 160->960 took
+    1.14x (3 x 7 before), and 3x3 convs spilled.
+    """
+    if registers > 16 and conv.is_pointwise and conv.out_h * conv.out_w <= 49:
+        return 2 if conv.in_per_group >= 256 else 0
+    return 0
+
+
 def _best_register_tile(budget: int, f_opts: list[int], x_opts: list[int], y_opts: list[int]) -> tuple[float, int, int, int] | None:  # fmt: skip
     """Best (score, f, y, x) register tile: most FMAs per load, then most accumulators."""
     best = None
@@ -213,6 +226,7 @@ def choose_tile(
     # accumulators (3 ch x 4 px) beat 8 on MobileNetV2's 1x1 convs by 7-10% (one thread)
     budget = registers - (4 if registers <= 16 else 6)
     pointwise = conv.is_pointwise
+    budget += _small_map_extra_accumulators(conv, registers)
     # Flattened output pixels of one row unit: 1x1 stride-1 convs read whole planes contiguously.
     row_len = conv.out_h * conv.out_w if pointwise else conv.out_w
     rows = 1 if pointwise else conv.out_h
@@ -267,17 +281,22 @@ def choose_tile(
         x_opts = _divisors(row_len, 8)
         _, f, y, x = _best_register_tile(budget, _divisors(conv.out_per_group, 8), x_opts, y_opts)
         return _with_block(conv, CpuTile("pixel", lanes, 1, f, y, x, 1))
+    best = _pick(conv, candidates, form)
+    return _with_block(conv, _strided_rows(conv, best))
+
+
+def _pick(conv: ConvInfo, candidates: list, form: str | None) -> CpuTile:
+    """The best (lane use, FMAs per load, tile) candidate; ``form`` where it applies."""
     if form is not None and any(c[2].form == form for c in candidates):
         candidates = [c for c in candidates if c[2].form == form]
     # on a tie, a 1x1 conv with a long reduction takes the channel form: MobileNetV2's 192->32
     # and 144->32 convs on 28x28 ran 0.6x the pixel form's time that way (in the model, 2
     # threads, AVX-512 EPYC); with 32 input channels the pixel form was 1.2x faster
-    long_pointwise = pointwise and conv.in_per_group >= POINTWISE_CHANNEL_FORM_TAPS
-    best = max(
+    long_pointwise = conv.is_pointwise and conv.in_per_group >= POINTWISE_CHANNEL_FORM_TAPS
+    return max(
         candidates,
         key=lambda c: (c[0] * min(c[1], 3.0), c[1], long_pointwise and c[2].form == "channel"),
     )[2]
-    return _with_block(conv, _strided_rows(conv, best))
 
 
 def _strided_rows(conv: ConvInfo, tile: CpuTile) -> CpuTile:
