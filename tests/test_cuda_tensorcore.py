@@ -4,8 +4,9 @@
 of super-groups on WMMA 16x16x16 tiles. The generated CUDA C runs on the CPU through the same
 harness as ``test_cuda_on_cpu.py``; ``tests/cuda_host/include/mma.h`` stands in for
 ``nvcuda::wmma`` (every lane holds the whole tile; misaligned pointers and strides counted).
-Cases cover the packings (8, 4, 2, 1 group(s) per tile; 16 and 32 rows), sizes that no tile
-divides, stride, dilation, batch, 1x1 and 3x5 kernels, and the epilogues; the float16
+Cases cover the packings (8, 4, 2, 1 group(s) per tile), 32 rows as two warps or two blocks,
+the reduction split over warps, sizes that no tile divides, stride, dilation, batch, 1x1 and
+3x5 kernels, and the epilogues; the float16
 tolerance is the one of the float16-acc32 cases (float32 sums, one rounding at the store).
 
 Planted bugs must fail: a barrier removed, a fragment stride off, the accumulator never filled.
@@ -33,19 +34,24 @@ if harness.compiler() is None:
 
 WIDEN = (accumulate_grouped_conv_in_float32,)
 FORM = "cuda-grouped-tensorcore"
-CASES = [  # the tile needs the whole reduction (pack x Cg x kh x kw) in one shared stage
-    pytest.param(dict(c_in=64, c_out=128, size=(11, 13), group=8), id="kg16-cg8-11x13"),
-    pytest.param(dict(c_in=32, c_out=64, size=(19, 19), group=8, stride=2), id="kg8-pack2-s2"),
+CASES = [  # each big enough for a full wave of blocks (smaller convs stay on CUDA cores)
+    pytest.param(dict(c_in=128, c_out=128, size=(24, 22), group=32), id="kg4-pack4"),
+    pytest.param(dict(c_in=256, c_out=256, size=(35, 35), group=32, stride=2), id="kg8-pack2-s2"),
+    pytest.param(dict(c_in=512, c_out=512, size=(11, 13), group=32), id="kg16-11x13"),
     pytest.param(
-        dict(c_in=24, c_out=96, size=(7, 9), group=3, dilation=2, batch=2),
+        dict(c_in=1024, c_out=1024, size=(7, 7), group=32, epilogue="residual"),
+        id="kg32-row-blocks-split-reduction-residual",
+    ),  # fmt: skip
+    pytest.param(
+        dict(c_in=96, c_out=384, size=(9, 11), group=12, dilation=2, batch=2),
         id="kg32-dilation2-batch2",
     ),  # fmt: skip
     pytest.param(
         dict(
-            c_in=64,
-            c_out=64,
-            size=(10, 10),
-            group=16,
+            c_in=128,
+            c_out=128,
+            size=(24, 24),
+            group=32,
             kernel=1,
             pads=[0] * 4,
             epilogue="none",
@@ -54,14 +60,10 @@ CASES = [  # the tile needs the whole reduction (pack x Cg x kh x kw) in one sha
         id="kg4-pack4-1x1",
     ),  # fmt: skip
     pytest.param(
-        dict(c_in=64, c_out=64, size=(9, 9), group=4, kernel=1, pads=[0] * 4, epilogue="residual"),
-        id="kg16-1x1-residual",
-    ),  # fmt: skip
-    pytest.param(
-        dict(c_in=8, c_out=32, size=(8, 6), group=2, kernel=(3, 5), pads=[0, 1, 2, 1]),
+        dict(c_in=64, c_out=256, size=(18, 20), group=16, kernel=(3, 5), pads=[0, 1, 2, 1]),
         id="kg16-3x5-asym-pad",
     ),  # fmt: skip
-    pytest.param(dict(c_in=8, c_out=16, size=(9, 9), group=8), id="multiplier2-pack8"),
+    pytest.param(dict(c_in=64, c_out=128, size=(24, 24), group=64), id="multiplier2-pack8"),
 ]
 
 
@@ -78,22 +80,26 @@ def test_tensorcore_kernel_matches_onnxruntime(case):
                                    err_msg=f"{kernel.detail}, order {order}")  # fmt: skip
 
 
-def test_cases_cover_packings_and_row_tiles():
-    packs, rows = set(), set()
+def test_cases_cover_packings_and_tile_forms():
+    packs, forms = set(), set()
     for param in CASES:
         kernel, _, _ = _kernel(param.values[0])
-        found = re.search(r"(\d+) group\(s\) per (\d+)-row", kernel.detail)
-        packs.add(int(found.group(1)))
-        rows.add(int(found.group(2)))
-    assert packs >= {1, 2, 4, 8} and rows >= {16, 32}, (packs, rows)
+        packs.add(int(re.search(r"(\d+) group\(s\) per", kernel.detail).group(1)))
+        forms.add("row blocks" if "rows in" in kernel.detail else "")
+        forms.add("split" if "reduction split" in kernel.detail else "")
+        forms.add("2 row warps" if re.search(r"\(2x\d+x\d+ warps\)", kernel.detail) else "")
+    assert packs >= {1, 2, 4, 8}, packs
+    assert forms >= {"row blocks", "split", "2 row warps"}, forms
 
 
 def test_depthwise_float32_and_gate_failing_tiles_stay_on_cuda_cores():
     depthwise = cuda_tensorcore.plan(32, 1, 1, 9, 196)
     assert not depthwise.chosen and "CUDA cores" in depthwise.describe()
-    # ResNeXt-50's stage-3 conv at batch 1: no tile fills the SMs with 4 accumulator tiles
-    stage3 = cuda_tensorcore.plan(32, 16, 16, 9, 196)
-    assert stage3.tile is None and "no tensor-core tile" in stage3.describe()
+    # too small to fill the SMs with 16x16 tiles; groups that do not pack into 16 rows
+    small = cuda_tensorcore.plan(8, 8, 8, 9, 100)
+    assert small.tile is None and "no tensor-core tile" in small.describe()
+    odd = cuda_tensorcore.plan(3, 4, 4, 9, 10_000)
+    assert not odd.chosen and "do not pack" in odd.describe()
     model, _, _ = conv_case(32, 32, (14, 14), group=32, dtype="float16")
     assert the_kernel(model, "cuda-depthwise-spatial", WIDEN).schedule == "cuda-depthwise-spatial"
     model, _, _ = conv_case(128, 128, (14, 14), group=32)  # float32: no WMMA for it here
@@ -114,15 +120,26 @@ def _fails(kernel, x, ref, source) -> bool:
     return False
 
 
-@pytest.mark.parametrize("case", [CASES[0], CASES[4]])
+@pytest.mark.parametrize("case", [CASES[0], CASES[3]])
 def test_missing_barriers_fail(case):
     kernel, x, ref = _kernel(case)
     assert not _fails(kernel, x, ref, kernel.source), "the unedited kernel must match"
     barriers = list(re.finditer(r"__syncthreads\(\);", kernel.source))
     assert len(barriers) >= 2
-    for match in barriers:
-        edited = kernel.source[: match.start()] + kernel.source[match.end() :]
-        assert _fails(kernel, x, ref, edited), match.start()
+    everything = kernel.source
+    for match in reversed(barriers):
+        everything = everything[: match.start()] + everything[match.end() :]
+    assert _fails(kernel, x, ref, everything)
+    # the one after the shared-memory tiles are written (before the fragment loads), alone
+    edited = kernel.source[: barriers[0].start()] + kernel.source[barriers[0].end() :]
+    assert _fails(kernel, x, ref, edited)
+    # those after the accumulators are stored, before other threads read them (one, or with a
+    # split reduction's write-back several that each would do)
+    stored = kernel.source.rindex("store_matrix_sync")
+    edited = kernel.source
+    for match in reversed([m for m in barriers if m.start() > stored]):
+        edited = edited[: match.start()] + edited[match.end() :]
+    assert _fails(kernel, x, ref, edited)
 
 
 def test_bad_fragment_stride_and_missing_fill_fail():

@@ -91,6 +91,7 @@ class HotLoop:
     barriers: int
     guard_branches: int  # conditional branches other than the back edge
     predicated_fmas: int
+    mma_instructions: int = 0  # HMMA.16816 and kin (tensor cores)
 
     @property
     def shared_loads_per_fma(self) -> float:
@@ -245,7 +246,23 @@ def hot_loop(instrs: list[Instr]) -> HotLoop:
             1 for i in counted if i.opcode.startswith("BRA") and i.predicate and i is not back_edge
         ),
         predicated_fmas=sum(1 for i in fmas if i.predicate and i.predicate != "@PT"),
+        mma_instructions=sum(1 for i in fmas if i.opcode.startswith("HMMA")),
     )
+
+
+def tensor_clocks_per_mma(gpu: Gpu = H200) -> float:
+    """Clocks one HMMA.16816 (16x8x16 multiply-adds) keeps a sub-partition's tensor core busy
+    at the peak rate (4 sub-partitions per SM, each issuing one warp instruction per clock)."""
+    macs_per_clock = gpu.peak_flops["float16"] / 2 / gpu.sms / gpu.clock_hz / 4
+    return 16 * 8 * 16 / macs_per_clock
+
+
+def mma_issue_bound(loop: HotLoop, gpu: Gpu = H200) -> bool:
+    """True when an MMA loop issues instructions slower than its tensor cores run them: more
+    warp instructions per HMMA.16816 than the clocks each takes (4.3 on an H200)."""
+    if not loop.mma_instructions:
+        return False
+    return loop.instructions / loop.mma_instructions > tensor_clocks_per_mma(gpu)
 
 
 def _mma_share(sass: list[Instr], loop: HotLoop) -> float:

@@ -28,6 +28,7 @@ TFLOP/s; replace them with the GPU kit's measurements once there are any). Depth
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -41,7 +42,6 @@ CUDA_CORE_FLOPS = 67e12  # H200 SXM float32 FMA peak (datasheet)
 MIN_ARCH = 70  # WMMA: Volta and later
 SMS = 132
 MAX_SHARED_BYTES = 48 * 1024  # without the opt-in for more
-MIN_FRAGS = 4
 
 
 def _ceil(a: int, b: int) -> int:
@@ -79,10 +79,13 @@ class TensorCorePlan:
 
     def describe(self) -> str:
         verdict = "tensor cores" if self.chosen else "CUDA cores"
+        if self.rows != self.pack * self.kg:
+            return (f"CUDA cores: {self.groups} groups of {self.kg} output channels do not "
+                    "pack into 16-row tensor-core tiles")  # fmt: skip
         if self.tile is None:
-            return (f"CUDA cores: no tensor-core tile fills {SMS} SMs with {MIN_FRAGS}+ "
-                    f"accumulator tiles per warp ({self.groups // self.pack} GEMMs of "
-                    f"{self.rows}x{self.depth} x {self.pixels} px)")  # fmt: skip
+            return (f"CUDA cores: no tensor-core tile fills {SMS} SMs with the reduction in one "
+                    f"shared stage ({self.groups // self.pack} GEMMs of {self.rows}x{self.depth} "
+                    f"x {self.pixels} px)")  # fmt: skip
         return (f"{verdict}: {self.pack} group(s) per {self.rows}-row WMMA tile, "
                 f"{self.waste:.1f}x padded work, estimate {self.tensor_us:.2f} us on tensor cores "
                 f"vs {self.cuda_core_us:.2f} us on CUDA cores (datasheet rates)")  # fmt: skip
@@ -96,7 +99,9 @@ def plan(groups: int, kg: int, cg: int, taps: int, pixels: int) -> TensorCorePla
     useful = 2.0 * groups * kg * cg * taps * pixels
     probe = TensorCorePlan(groups, pack, kg, cg, taps, pixels, 0.0, 0.0)
     tensor = useful * probe.waste / TENSOR_FLOPS * 1e6
-    tile = choose_tile(groups // pack, probe.rows, probe.depth, pixels)
+    # rows that are padding would leave output channels and GEMM rows apart: CUDA cores then
+    exact = probe.rows == pack * kg
+    tile = choose_tile(groups // pack, probe.rows, probe.depth, pixels) if exact else None
     return TensorCorePlan(groups, pack, kg, cg, taps, pixels, tensor,
                           useful / CUDA_CORE_FLOPS * 1e6, tile)  # fmt: skip
 
@@ -126,36 +131,44 @@ def legalize_conv2d(bb, call):
     chosen = plan(groups, f // groups, cg, kh * kw, n * oh * ow)
     if not chosen.chosen or cg == 1 and f == groups:
         return default(bb, call)
-    tile = chosen.tile.pixels
-    wt = bb.emit_te(_weights_te, w, groups, chosen.pack, primfunc_name_hint="gconv_tc_weights")
-    return bb.call_te(_conv_te, x, wt, (f, cg, kh, kw), attrs, groups, chosen.pack, tile,
-                      chosen.describe(), primfunc_name_hint="conv2d_tensorcore")  # fmt: skip
+    tile = chosen.tile
+    wt = bb.emit_te(_weights_te, w, groups, chosen.pack, tile.row_blocks,
+                    primfunc_name_hint="gconv_tc_weights")  # fmt: skip
+    fields = ",".join(str(getattr(tile, name)) for name in TensorCoreTile.__dataclass_fields__)
+    return bb.call_te(_conv_te, x, wt, (f, cg, kh, kw), attrs, groups, chosen.pack,
+                      (tile.pixels, tile.row_blocks), (chosen.describe(), fields),
+                      primfunc_name_hint="conv2d_tensorcore")  # fmt: skip
 
 
-def _weights_te(w, groups: int, pack: int):
+def _weights_te(w, groups: int, pack: int, row_blocks: int):
+    """[super-group x row block, rows per block, reduction]: each super-group's block-diagonal
+    weights, zero-padded, its rows cut into ``row_blocks`` GEMMs of their own."""
     f, cg, kh, kw = (int(v) for v in w.shape)
     kg, taps = f // groups, kh * kw
     m2, depth = kg * pack, cg * pack * taps
+    block_rows = _ceil(m2, 16) // row_blocks
 
-    def block_diagonal(s, m, k):
+    def block_diagonal(sr, m, k):
+        s, m = sr // row_blocks, sr % row_blocks * block_rows + m
         c = k // taps
         inside = tirx.all(m < m2, k < depth, m // kg == c // cg)
         value = w[s * m2 + m, c % cg, k % taps // kw, k % kw]
         return tirx.if_then_else(inside, value, tirx.const(0, w.dtype))
 
-    return te.compute((groups // pack, _ceil(m2, 16), _ceil(depth, 16)), block_diagonal,
-                      name="gconv_tc_w")  # fmt: skip
+    shape = (groups // pack * row_blocks, block_rows, _ceil(depth, 16))
+    return te.compute(shape, block_diagonal, name="gconv_tc_w")
 
 
-def _conv_te(x, wt, w_shape, attrs, groups: int, pack: int, tile: int, why: str):
+def _conv_te(x, wt, w_shape, attrs, groups: int, pack: int, tile: tuple, notes: tuple):
     n, _, h, w = (int(v) for v in x.shape)
     f, cg, kh, kw = w_shape
     pt, pl, pb, pr = (int(p) for p in attrs.padding)
     (sh, sw), (dh, dw) = (int(s) for s in attrs.strides), (int(d) for d in attrs.dilation)
     oh = (h + pt + pb - (kh - 1) * dh - 1) // sh + 1
     ow = (w + pl + pr - (kw - 1) * dw - 1) // sw + 1
-    taps, m2, c2 = kh * kw, f // groups * pack, cg * pack
-    supers, rows, depth = (int(v) for v in wt.shape)
+    taps, c2 = kh * kw, cg * pack
+    tile_px, row_blocks = tile
+    gemms, rows, depth = (int(v) for v in wt.shape)  # gemms: super-groups x row blocks
     pixels = n * oh * ow
 
     def im2col(s, k, p):
@@ -165,17 +178,23 @@ def _conv_te(x, wt, w_shape, attrs, groups: int, pack: int, tile: int, why: str)
         inside = tirx.all(k < c2 * taps, p < pixels, iy >= 0, iy < h, ix >= 0, ix < w)
         return tirx.if_then_else(inside, x[b, s * c2 + c, iy, ix], tirx.const(0, x.dtype))
 
-    col = te.compute((supers, depth, _ceil(pixels, tile)), im2col, name="gconv_tc_col")
+    padded = _ceil(pixels, tile_px)
+    col = te.compute((gemms // row_blocks, depth, padded), im2col, name="gconv_tc_col")
+    # rows of all GEMMs stacked: output channel ff is row ff (pack x Kg fills the 16-row tiles)
     k = te.reduce_axis((0, depth), "k")
     gemm = te.compute(
-        (supers, rows, _ceil(pixels, tile)),
-        lambda s, m, p: te.sum(wt[s, m, k].astype("float32") * col[s, k, p].astype("float32"),
-                               axis=k),
+        (gemms * rows, padded),
+        lambda r, p: te.sum(wt[r // rows, r % rows, k].astype("float32")
+                            * col[r // rows // row_blocks, k, p].astype("float32"), axis=k),
         name="gconv_tc_gemm",
-        attrs={"gconv_plan": why},  # the report's reason, kept through fusion
+        # the report's reason and the tile, kept through fusion for the schedule
+        attrs={"gconv_plan": notes[0], "gconv_tile": notes[1]},
     )  # fmt: skip
-    return te.compute((n, f, oh, ow), lambda b, ff, y, xx: gemm[ff // m2, ff % m2,
-                      (b * oh + y) * ow + xx], name="gconv_tc_out")  # fmt: skip
+
+    def out(b, ff, y, xx):
+        return gemm[ff, (b * oh + y) * ow + xx]
+
+    return te.compute((n, f, oh, ow), out, name="gconv_tc_out")
 
 
 # ---------------------------------------------------------------------------------- schedule
@@ -186,7 +205,9 @@ class TensorCoreTile:
     warps_m: int  # warps along the rows (one 16-row fragment each)
     warps_p: int  # warps along the pixels
     frags_p: int  # 16-pixel fragments per warp
-    stage: int  # 16-deep reduction fragments per shared-memory stage
+    stage: int  # 16-deep reduction fragments per shared-memory stage (per warp's slice)
+    warps_k: int = 1  # warps that each sum a slice of the reduction (added in the epilogue)
+    row_blocks: int = 1  # blocks along the rows (each 16 x warps_m of them)
 
     @property
     def pixels(self) -> int:
@@ -194,49 +215,46 @@ class TensorCoreTile:
 
     @property
     def threads(self) -> int:
-        return 32 * self.warps_m * self.warps_p
+        return 32 * self.warps_m * self.warps_p * self.warps_k
 
     def describe(self) -> str:
-        return (f"{self.threads} threads ({self.warps_m}x{self.warps_p} warps), "
-                f"{self.frags_p} accumulator tile(s) of 16x16 per warp, block tile "
-                f"{16 * self.warps_m} rows x {self.pixels} px, {16 * self.stage} reduction "
-                "per shared stage")  # fmt: skip
+        split = f", reduction split over {self.warps_k} warps" if self.warps_k > 1 else ""
+        rows = f"rows in {self.row_blocks} blocks, " if self.row_blocks > 1 else ""
+        return (f"{self.threads} threads ({self.warps_m}x{self.warps_p}x{self.warps_k} warps), "
+                f"{rows}{self.frags_p} accumulator tile(s) of 16x16 per warp, block tile "
+                f"{16 * self.warps_m} rows x {self.pixels} px, "
+                f"{16 * self.stage * self.warps_k} reduction per shared stage{split}")  # fmt: skip
 
 
 def choose_tile(supers: int, rows: int, depth: int, pixels: int) -> TensorCoreTile | None:
     """The tile for the GEMM (``rows``/``depth``: its padded M and K; ``pixels``: N*OH*OW), or
-    None when no tile passes issue #13's gates: >= 64 threads, a full wave of blocks on 132 SMs
-    (where 16-pixel tiles could fill one), >= MIN_FRAGS accumulator tiles per warp (with fewer,
-    fragment loads and addressing were 60-66% of the MMA loop's instructions on ResNeXt-50's
-    shapes), the reduction in one shared stage. Among those: the least pixel padding, the most accumulator
+    None when no tile passes issue #13's gates: >= 64 threads, a full wave of blocks on 132 SMs,
+    the reduction in one shared stage (a staged loop carries the im2col copy's bounds checks
+    into the MMA loop). Among those: the least pixel padding, the most accumulator
     tiles per warp, the widest pixel tile, the fewest reduction stages."""
-    warps_m = rows // 16
     depth_frags = depth // 16
     best, best_key = None, None
-    for warps_p in (1, 2, 4, 8):
-        for frags_p in (1, 2, 3, 4):
-            threads = 32 * warps_m * warps_p
-            if threads > 512:
-                continue
-            tile_px = warps_p * frags_p * 16
-            # the whole reduction in one shared stage (a staged loop carries the im2col
-            # copy's bounds checks into the MMA loop), float32 accumulators beside it
-            shared = 2 * depth * (rows + tile_px) + 4 * rows * tile_px
-            if shared > MAX_SHARED_BYTES:
-                continue
-            stage = depth_frags
-            tile = TensorCoreTile(warps_m, warps_p, frags_p, stage)
-            blocks = supers * math.ceil(pixels / tile_px)
-            padded = _ceil(pixels, tile_px) / pixels
-            # more accumulator tiles per warp: more MMAs per fragment load
-            # a conv that 16-pixel tiles cannot spread over the SMs underfills them on any
-            # kernel; the others must fill a wave
-            wave = supers * math.ceil(pixels / 16) >= SMS
-            if threads < 64 or (wave and blocks < SMS) or frags_p < MIN_FRAGS:
-                continue
-            key = (round(padded, 1), -frags_p, -tile_px, -stage)
-            if best_key is None or key < best_key:
-                best, best_key = tile, key
+    shapes = itertools.product(_divisors(rows // 16), (1, 2, 4, 8), (1, 2, 3, 4), (1, 2, 4))
+    for warps_m, warps_p, frags_p, warps_k in shapes:
+        threads = 32 * warps_m * warps_p * warps_k
+        tile_px, tile_rows = warps_p * frags_p * 16, 16 * warps_m
+        # the whole reduction in one shared stage (a staged loop carries the im2col copy's
+        # bounds checks into the MMA loop), each warp's float32 accumulators beside it
+        shared = 2 * depth * (tile_rows + tile_px) + 4 * warps_k * tile_rows * tile_px
+        if threads > 512 or shared > MAX_SHARED_BYTES or depth_frags % warps_k:
+            continue
+        row_blocks = rows // tile_rows
+        tile = TensorCoreTile(warps_m, warps_p, frags_p, depth_frags // warps_k, warps_k,
+                              row_blocks)  # fmt: skip
+        blocks = supers * row_blocks * math.ceil(pixels / tile_px)
+        if threads < 64 or blocks < SMS:
+            continue
+        # the least padding, more accumulator tiles per warp (more MMAs per fragment load),
+        # no split reduction, the widest tile
+        padded = _ceil(pixels, tile_px) / pixels
+        key = (round(padded, 1), -frags_p, warps_k, row_blocks, -tile_px)
+        if best_key is None or key < best_key:
+            best, best_key = tile, key
     return best
 
 
@@ -260,47 +278,62 @@ def schedule(func: tirx.PrimFunc) -> tuple[tirx.PrimFunc, str]:
     why = str(sch.get(gemm).annotations.get("gconv_plan", "tensor cores"))
     last = sch.get(_blocks(sch)[-1])
     out_shape = [int(v) for v in last.writes[0].source.shape]
-    supers, rows, padded_px = (int(v) for v in sch.get(gemm).writes[0].source.shape)
     depth = int(sch.get(gemm).reads[0].source.shape[-1])
+    fields = str(sch.get(gemm).annotations["gconv_tile"]).split(",")
+    tile = TensorCoreTile(*(int(v) for v in fields))
     batch, channels, oh, ow = out_shape
-    tile = choose_tile(supers, rows, depth, batch * oh * ow)
-    final = _epilogue(sch, channels // supers, oh, ow)
-    warp, k_outer, k_frag, m_inner = _tile_gemm(sch, gemm, tile)
-    acc = sch.cache_write(gemm, 0, "wmma.accumulator")
+    final = _epilogue(sch, oh, ow)
+    mma = gemm
+    if tile.warps_k > 1:  # each warp sums a slice; the write-back block adds the slices
+        _, _, k = sch.get_loops(gemm)
+        k_w, _ = sch.split(k, [tile.warps_k, None])
+        mma = sch.rfactor(k_w, factor_axis=0)
+    warp, k_outer, k_frag, m_inner = _tile_gemm(sch, mma, tile)
+    acc = sch.cache_write(mma, 0, "wmma.accumulator")
     sch.reverse_compute_at(acc, warp)
     sch.set_scope(acc, 0, "shared.dyn")
-    block_loop = sch.get_loops(gemm)[1]
+    block_loop = sch.get_loops(mma)[1]  # (GEMM, pixel block)
+    if tile.warps_k > 1:  # the slices' sums added by all threads, beside the accumulators
+        sch.reverse_compute_at(gemm, block_loop)
+        slices, rows, px = sch.get_loops(gemm)[2:]
+        sch.reorder(rows, px, slices)  # the slices' loop serial, innermost
+        _bind_threads(sch, sch.fuse(rows, px), tile)
+        sch.set_scope(gemm, 0, "shared.dyn")
     sch.reverse_compute_at(final, block_loop)
     _spread(sch, final, 2, tile)
-    fragments = _stage_inputs(sch, gemm, k_outer, k_frag, tile)
-    init = sch.decompose_reduction(gemm, k_outer)
-    _tensorize(sch, gemm, init, acc, m_inner, fragments)
+    fragments = _stage_inputs(sch, mma, k_outer, k_frag, tile)
+    init = sch.decompose_reduction(mma, k_outer)
+    _tensorize(sch, mma, init, acc, m_inner, fragments)
     func = sch.mod["main"].with_attr("tirx.is_scheduled", True)
     # read by cuda_static: multiply-adds per thread, padding included (8 lanes' share of a
     # 16x16x16 MMA is 128 each; a warp's tile is 16 rows x frags_p x 16 px)
-    func = func.with_attr("gconv.fmas_per_thread", 8 * tile.frags_p * depth)
+    func = func.with_attr("gconv.fmas_per_thread", 8 * tile.frags_p * depth // tile.warps_k)
     return func, f"{why}; {tile.describe()}"
 
 
-def _epilogue(sch, per_super: int, oh: int, ow: int):
+def _epilogue(sch, oh: int, ow: int):
     """Inline the crop and the epilogue into the last block; index it like the GEMM's output."""
     blocks = [sch.get(b).name_hint for b in _blocks(sch)]
     last = blocks[-1]
     for name in blocks[blocks.index("gconv_tc_out") : -1]:
         sch.compute_inline(sch.get_sblock(name))
     final = sch.get_sblock(last)
-    sch.transform_block_layout(final, lambda n, f, y, x: (f // per_super, f % per_super,
-                                                          (n * oh + y) * ow + x))  # fmt: skip
+    sch.transform_block_layout(final, lambda n, f, y, x: (f, (n * oh + y) * ow + x))
     return final
 
 
 def _tile_gemm(sch, gemm, tile: TensorCoreTile):
-    s, m, p, k = sch.get_loops(gemm)
-    m_w, m_i = sch.split(m, [tile.warps_m, 16])
+    loops = sch.get_loops(gemm)  # (rows, pixels[, slice of the reduction], reduction)
+    r, p, k = loops[0], loops[1], loops[-1]
+    k_w = loops[2] if len(loops) == 4 else None
+    s, m_w, m_i = sch.split(r, [None, tile.warps_m, 16])  # a row block is a GEMM of its own
     p_b, p_w, p_f, p_i = sch.split(p, [None, tile.warps_p, tile.frags_p, 16])
     k_o, k_f, k_i = sch.split(k, [None, tile.stage, 16])
-    sch.reorder(s, p_b, m_w, p_w, k_o, k_f, p_f, m_i, p_i, k_i)
+    slices = [k_w] if k_w is not None else []
+    sch.reorder(s, p_b, *slices, m_w, p_w, k_o, k_f, p_f, m_i, p_i, k_i)
     warp = sch.fuse(m_w, p_w)
+    if k_w is not None:  # its own thread axis: fused, the slice index would not be affine
+        sch.bind(k_w, "threadIdx.z")
     sch.bind(s, "blockIdx.y")
     sch.bind(p_b, "blockIdx.x")
     sch.bind(warp, "threadIdx.y")
@@ -310,7 +343,17 @@ def _tile_gemm(sch, gemm, tile: TensorCoreTile):
 def _spread(sch, block, outer: int, tile: TensorCoreTile) -> None:
     """The block's loops below the first ``outer`` ones, spread over all threads."""
     fused = sch.fuse(*sch.get_loops(block)[outer:])
-    _, ty, tx = sch.split(fused, [None, tile.threads // 32, 32])
+    _bind_threads(sch, fused, tile)
+
+
+def _bind_threads(sch, loop, tile: TensorCoreTile) -> None:
+    """Split ``loop`` over (threadIdx.z =) slices, warps and lanes, and bind them."""
+    warps = tile.threads // 32 // tile.warps_k
+    if tile.warps_k > 1:
+        _, tz, ty, tx = sch.split(loop, [None, tile.warps_k, warps, 32])
+        sch.bind(tz, "threadIdx.z")
+    else:
+        _, ty, tx = sch.split(loop, [None, warps, 32])
     sch.bind(ty, "threadIdx.y")
     sch.bind(tx, "threadIdx.x")
 
@@ -326,14 +369,14 @@ def _stage_inputs(sch, gemm, k_outer, k_frag, tile: TensorCoreTile) -> list:
     for cache in (weights, columns):
         loops = sch.get_loops(cache)
         at = next(i for i, lp in enumerate(loops) if sch.get(lp).same_as(sch.get(k_outer)))
-        fused = sch.fuse(*loops[at + 1 :])
-        _, ty, tx = sch.split(fused, [None, tile.threads // 32, 32])
-        sch.bind(ty, "threadIdx.y")
-        sch.bind(tx, "threadIdx.x")
+        _bind_threads(sch, sch.fuse(*loops[at + 1 :]), tile)
     fragments = []
     for index in (0, 1):
         fragments.append(sch.cache_read(gemm, index, f"wmma.matrix_{'ab'[index]}"))
-        sch.compute_at(fragments[-1], k_frag)
+        # the weights' fragments stay where cache_read put them, beside their shared copy: once
+        # per stage (the whole reduction, kept in registers); the im2col ones per 16-deep step
+        if index == 1:
+            sch.compute_at(fragments[-1], k_frag)
     return fragments
 
 
@@ -341,7 +384,8 @@ def _tensorize(sch, gemm, init, acc, m_inner, fragments) -> None:
     a_frag, b_frag = fragments
     rows, depth = sch.get_loops(a_frag)[-2:]
     rows_o, rows_i = sch.split(rows, [None, 16])
-    sch.reorder(rows_o, rows_i, depth)
+    depth_o, depth_i = sch.split(depth, [None, 16])
+    sch.reorder(rows_o, depth_o, rows_i, depth_i)
     sch.tensorize(rows_i, cuda_wmma.LOAD_A)
     depth, px = sch.get_loops(b_frag)[-2:]
     px_o, px_i = sch.split(px, [None, 16])
