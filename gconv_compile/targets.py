@@ -285,8 +285,9 @@ def _cuda_dense_passes(plan: PassPlan, model: ir.Model) -> list[ExpandGroupedCon
 
 # Peak dense rates of an H100 SXM in TFLOP/s, the GPU issue #5 targets. Only their ratio decides:
 # TVM 0.27 generates no TF32, so float32 convs never reach tensor cores, while float16 dense
-# convs do through dlight's Matmul rule and our grouped kernels stay on the CUDA cores. These are
-# datasheet numbers, not measurements: no GPU was available when this estimate was written.
+# convs do through dlight's Matmul rule, and float16 grouped convs through our tensor-core kernel
+# where ``cuda_plan`` finds it a tile (then dense is never cheaper). These are datasheet numbers,
+# not measurements: no GPU was available when this estimate was written.
 CUDA_CORE_TFLOPS = {"float32": 67.0, "float16": 134.0, "bfloat16": 134.0}
 CUDA_TENSOR_CORE_TFLOPS = {"float16": 989.0, "bfloat16": 989.0}
 # Below this many input channels per group a dense block-diagonal GEMM is mostly zero-padding of
@@ -297,9 +298,11 @@ WIDE_GROUP_CHANNELS = 64
 def choose_cuda_conv_forms(model: ir.Model) -> list[dict[str, Any]]:
     """For each grouped Conv with 2-4 wide groups: grouped kernel or dense block-diagonal conv.
 
-    The dense form does ``group`` times the multiply-adds but runs on tensor cores where the
-    element type has them; the estimate compares ``group / tensor-core rate`` with
-    ``1 / CUDA-core rate`` and picks the cheaper.
+    A float16 conv whose output shape is static and that ``cuda_plan`` puts on tensor cores
+    stays grouped (``grouped-tensorcore``: the dense form would do ``group`` times its MACs on
+    the same tensor cores). Otherwise the dense form does ``group`` times the multiply-adds but
+    runs on tensor cores where the element type has them; the estimate compares
+    ``group / tensor-core rate`` with ``1 / CUDA-core rate`` and picks the cheaper.
     """
     forms = []
     for graph in model.graphs():
@@ -311,13 +314,32 @@ def choose_cuda_conv_forms(model: ir.Model) -> list[dict[str, Any]]:
             weight = const_array(node.inputs[1]) if len(node.inputs) > 1 else None
             if not 2 <= group <= 4 or weight is None or weight.shape[1] == 1:
                 continue  # depthwise (one in-channel per group) has its own schedule
-            forms.append({"node": node.name, "group": group, **_cuda_form(group, weight)})
+            pixels = _static_pixels(node.outputs[0])
+            forms.append({"node": node.name, "group": group,
+                          **_cuda_form(group, weight, pixels)})  # fmt: skip
     return forms
 
 
-def _cuda_form(group: int, weight) -> dict[str, Any]:
+def _static_pixels(value: ir.Value) -> int | None:
+    """N x H x W of a conv's output when its shape is known and static."""
+    shape = value.shape
+    if shape is None or len(shape) != 4 or not all(isinstance(d, int) for d in shape):
+        return None
+    return shape[0] * shape[2] * shape[3]
+
+
+def _cuda_form(group: int, weight, pixels: int | None = None) -> dict[str, Any]:
     dtype = weight.dtype.name
     per_group_in = weight.shape[1]
+    if dtype == "float16" and pixels:
+        from .cuda_plan import plan
+
+        taps = int(weight.shape[2] * weight.shape[3])
+        grouped = plan(group, weight.shape[0] // group, per_group_in, taps, pixels)
+        if grouped.chosen:  # the same tensor cores, 1/group of the dense form's padding
+            why = (f"group {group}, {dtype}: the grouped conv runs on {grouped.describe()}; "
+                   f"dense would do {group}x its MACs on the same tensor cores")  # fmt: skip
+            return {"dtype": dtype, "form": "grouped-tensorcore", "why": why}
     grouped_rate = CUDA_CORE_TFLOPS.get(dtype, CUDA_CORE_TFLOPS["float32"])
     dense_rate = CUDA_TENSOR_CORE_TFLOPS.get(dtype, grouped_rate)
     ratio = (group / dense_rate) / (1 / grouped_rate)  # dense time / grouped time

@@ -1,5 +1,6 @@
-"""CUDA builds: grouped Convs with 2-4 wide groups in float16 become dense block-diagonal convs
-(tensor cores), others keep the grouped kernel; the report says which and why (issue #5)."""
+"""CUDA builds: grouped Convs with 2-4 wide groups in float16 run on tensor cores, grouped
+(``cuda_plan`` finds the kernel a tile) or as a dense block-diagonal conv (small images); others
+keep the CUDA-core grouped kernel; the report says which and why (issues #5, #13)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from onnx import TensorProto, helper
 from gconv_compile.build import compile
 
 
-def _conv(tmp_path, *, group: int, per_group: int, dtype: str):
+def _conv(tmp_path, *, group: int, per_group: int, dtype: str, size: int = 6):
     channels = group * per_group
     r = np.random.default_rng(0)
     weight = (r.standard_normal((channels, per_group, 3, 3)) / np.sqrt(9 * per_group)).astype(dtype)
@@ -19,8 +20,8 @@ def _conv(tmp_path, *, group: int, per_group: int, dtype: str):
     graph = helper.make_graph(
         [helper.make_node("Conv", ["X", "W"], ["Y"], name="gconv", group=group, pads=[1] * 4)],
         "g",
-        [helper.make_tensor_value_info("X", elem, [1, channels, 6, 6])],
-        [helper.make_tensor_value_info("Y", elem, [1, channels, 6, 6])],
+        [helper.make_tensor_value_info("X", elem, [1, channels, size, size])],
+        [helper.make_tensor_value_info("Y", elem, [1, channels, size, size])],
         [onnx.numpy_helper.from_array(weight, "W")],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
@@ -31,17 +32,19 @@ def _conv(tmp_path, *, group: int, per_group: int, dtype: str):
 
 
 @pytest.mark.parametrize(
-    ("group", "per_group", "dtype", "form", "reason"),
+    ("group", "per_group", "dtype", "size", "form", "reason"),
     [
-        (2, 64, "float16", "dense-blockdiag", "estimated 0.27x"),
-        (4, 64, "float16", "dense-blockdiag", "estimated 0.54x"),
-        (2, 64, "float32", "grouped-igemm", "estimated 2.00x"),
-        (2, 16, "float16", "grouped-igemm", "narrower than 64 channels"),
+        (2, 64, "float16", 6, "dense-blockdiag", "estimated 0.27x"),
+        (4, 64, "float16", 6, "dense-blockdiag", "estimated 0.54x"),
+        (2, 64, "float32", 6, "grouped-igemm", "estimated 2.00x"),
+        (2, 16, "float16", 6, "grouped-igemm", "narrower than 64 channels"),
+        (2, 64, "float16", 28, "grouped-tensorcore", "dense would do 2x its MACs"),
     ],
-    ids=["fp16-g2-wide", "fp16-g4-wide", "fp32-g2-wide", "fp16-g2-narrow"],
-)
-def test_cuda_picks_a_form_per_conv(tmp_path, group, per_group, dtype, form, reason):
-    path = _conv(tmp_path, group=group, per_group=per_group, dtype=dtype)
+    ids=["fp16-g2-wide-6px", "fp16-g4-wide-6px", "fp32-g2-wide", "fp16-g2-narrow",
+         "fp16-g2-wide-28px-tensor-cores"],
+)  # fmt: skip
+def test_cuda_picks_a_form_per_conv(tmp_path, group, per_group, dtype, size, form, reason):
+    path = _conv(tmp_path, group=group, per_group=per_group, dtype=dtype, size=size)
     built = compile(path, "cuda", arch="sm_90", output=tmp_path / "m.so")
     forms = built.report.extra["conv_forms"]
     assert [(f["node"], f["form"]) for f in forms] == [("gconv", form)]
@@ -52,6 +55,8 @@ def test_cuda_picks_a_form_per_conv(tmp_path, group, per_group, dtype, form, rea
         assert built.report.check is not None and built.report.check.passed
     else:
         assert built.report.check is None and "nothing rewritten" in built.report.check_note
+    schedules = {s["schedule"] for s in built.report.extra["schedules"]}
+    assert ("cuda-grouped-tensorcore" in schedules) == (form == "grouped-tensorcore")
 
 
 def test_dense_form_computes_the_same_in_onnxruntime(tmp_path):

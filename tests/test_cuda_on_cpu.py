@@ -89,8 +89,8 @@ def reference(model_f32, x) -> np.ndarray:
 def expected_schedule(case: dict, dtype: str) -> str:
     """The schedule the pipeline picks: depthwise, or for a grouped conv the tensor-core form
     when it is float16 (the CUDA pipeline always accumulates those in float32) and
-    ``cuda_tensorcore.plan`` prefers it."""
-    from gconv_compile.tvm_schedules.cuda_tensorcore import plan
+    ``cuda_plan.plan`` prefers it."""
+    from gconv_compile.cuda_plan import plan
 
     if case["group"] == case["c_in"] == case.get("c_out", case["c_in"]):
         return "cuda-depthwise-spatial"
@@ -111,7 +111,7 @@ def _out_pixels(case: dict) -> int:
     k = (k, k) if isinstance(k, int) else k
     d, s = case.get("dilation", 1), case.get("stride", 1)
     pads = case.get("pads") or [d * (k[0] // 2), d * (k[1] // 2)] * 2
-    size = case.get("size", (case.get("size_h"), case.get("size_w")))
+    size = case["size"]
     oh = (size[0] + pads[0] + pads[2] - d * (k[0] - 1) - 1) // s + 1
     ow = (size[1] + pads[1] + pads[3] - d * (k[1] - 1) - 1) // s + 1
     return case.get("batch", 1) * oh * ow
@@ -336,7 +336,8 @@ def test_network_layer_matches_onnxruntime(layer, dtype):
     model, model_f32, x = conv_case(layer.channels, layer.channels, (layer.size, layer.size),
                                     group=layer.group, stride=layer.stride,
                                     dtype=dtype.removesuffix("-acc32"))  # fmt: skip
-    case = dict(c_in=layer.channels, c_out=layer.channels, group=layer.group)
+    case = dict(c_in=layer.channels, c_out=layer.channels, size=(layer.size, layer.size),
+                group=layer.group, stride=layer.stride)  # fmt: skip
     schedule = expected_schedule(case, dtype)
     before = (accumulate_grouped_conv_in_float32,) if dtype.endswith("-acc32") else ()
     kernel = the_kernel(model, schedule, before)

@@ -24,7 +24,7 @@ pytest.importorskip("tvm")
 
 from cuda_host import harness  # noqa: E402
 
-from gconv_compile.tvm_schedules import cuda_tensorcore  # noqa: E402
+from gconv_compile import cuda_plan  # noqa: E402
 from gconv_compile.tvm_schedules.cuda_accumulate import (  # noqa: E402
     accumulate_grouped_conv_in_float32,
 )
@@ -93,12 +93,12 @@ def test_cases_cover_packings_and_tile_forms():
 
 
 def test_depthwise_float32_and_gate_failing_tiles_stay_on_cuda_cores():
-    depthwise = cuda_tensorcore.plan(32, 1, 1, 9, 196)
+    depthwise = cuda_plan.plan(32, 1, 1, 9, 196)
     assert not depthwise.chosen and "CUDA cores" in depthwise.describe()
     # too small to fill the SMs with 16x16 tiles; groups that do not pack into 16 rows
-    small = cuda_tensorcore.plan(8, 8, 8, 9, 100)
+    small = cuda_plan.plan(8, 8, 8, 9, 100)
     assert small.tile is None and "no tensor-core tile" in small.describe()
-    odd = cuda_tensorcore.plan(3, 4, 4, 9, 10_000)
+    odd = cuda_plan.plan(3, 4, 4, 9, 10_000)
     assert not odd.chosen and "do not pack" in odd.describe()
     model, _, _ = conv_case(32, 32, (14, 14), group=32, dtype="float16")
     assert the_kernel(model, "cuda-depthwise-spatial", WIDEN).schedule == "cuda-depthwise-spatial"
@@ -153,3 +153,26 @@ def test_bad_fragment_stride_and_missing_fill_fail():
     no_fill = re.sub(r"nvcuda::wmma::fill_fragment\([^;]*\);", "", kernel.source)
     assert no_fill != kernel.source
     assert _fails(kernel, x, ref, no_fill)
+
+
+def test_compile_cli_reports_the_tensor_core_choice(tmp_path, capsys):
+    """``gconv-compile compile --target cuda`` on a float16 ResNeXt-style conv: the report says
+    tensor cores and why; the CUDA C it emits calls the WMMA API."""
+    import json
+
+    import onnx
+
+    from gconv_compile import cli
+
+    model, _, _ = conv_case(512, 512, (14, 14), group=32, dtype="float16")
+    path, report, source = tmp_path / "m.onnx", tmp_path / "r.json", tmp_path / "src"
+    onnx.save(model, path)
+    code = cli.main(["compile", str(path), "--target", "cuda", "--arch", "sm_90", "--no-check",
+                     "-o", str(tmp_path / "m.so"), "--report", str(report),
+                     "--emit-source", str(source)])  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    (schedule,) = json.loads(report.read_text())["schedules"]
+    assert schedule["schedule"] == FORM
+    assert "tensor cores" in schedule["detail"] and "estimate" in schedule["detail"]
+    (emitted,) = source.glob("*.cu")
+    assert "nvcuda::wmma::mma_sync" in emitted.read_text()

@@ -54,6 +54,7 @@ class Kernel:
     block: tuple[int, int, int]
     args: list[KernelArg] = field(default_factory=list)
     fmas_per_thread: int = 0  # what the schedule says (its "gconv.fmas_per_thread"), 0: unknown
+    macs: int = 0  # the conv's multiply-adds when the weights are repacked ("gconv.macs"), 0: none
 
     @property
     def threads(self) -> int:
@@ -95,6 +96,8 @@ def conv_kernels(model, arch: str = "sm_90", before: tuple = ()) -> list[Kernel]
             kernel.schedule, kernel.detail = decision.schedule, decision.detail
             if func.attrs is not None and "gconv.fmas_per_thread" in func.attrs:
                 kernel.fmas_per_thread = int(func.attrs["gconv.fmas_per_thread"])
+            if func.attrs is not None and "gconv.macs" in func.attrs:
+                kernel.macs = int(func.attrs["gconv.macs"])
             _bind_arguments(kernel, func, calls.get(decision.function))
             kernels.append(kernel)
     return kernels

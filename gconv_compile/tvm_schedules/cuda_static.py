@@ -14,6 +14,9 @@ Bounds, for one H200 (``H200``: 132 SMs, 1.98 GHz, 4.8 TB/s, 67 TFLOPS float32 o
 
 - roofline: ``max(FLOPs / peak, minimum bytes / bandwidth)``, minimum bytes = every argument
   read or written once;
+- tensor-core kernels (``cuda_tensorcore``): FLOPs and weight bytes are the conv's own
+  (``gconv.macs``), not the padded block-diagonal GEMM's; the bound adds the tensor cores' own
+  time for the padded work the busiest SM's MMAs do;
 - static lower bound of this code: the busiest SM runs ``ceil(blocks / 132)`` blocks of whole
   warps; each thread does the FMAs its schedule says (``gconv.fmas_per_thread``: outputs per
   thread x its share of the reduction), i.e. that many passes
@@ -276,11 +279,18 @@ def _mma_share(sass: list[Instr], loop: HotLoop) -> float:
 def conv_work(kernel: Kernel) -> tuple[int, int, int]:
     """(FLOPs, minimum bytes, reduction length) of the conv kernel, from its arguments."""
     output = next(a for a in kernel.args if a.is_output)
+    size = {"float32": 4, "float16": 2}
+    if kernel.macs:  # weights repacked (tensor cores: block-diagonal, padded): the conv's own
+        reduction = kernel.macs // math.prod(output.shape)
+        packed = next(a for a in kernel.args if not a.is_output and len(a.shape) == 3)
+        weights = output.shape[1] * reduction * size.get(packed.dtype, 4)
+        others = [a for a in kernel.args if a is not packed]
+        min_bytes = weights + sum(math.prod(a.shape) * size.get(a.dtype, 4) for a in others)
+        return 2 * kernel.macs, min_bytes, reduction
     weight = next(a for a in kernel.args if not a.is_output and len(a.shape) == 4
                   and not isinstance(a.value, str))  # fmt: skip
     reduction = math.prod(weight.shape[1:])
     flops = 2 * math.prod(output.shape) * reduction
-    size = {"float32": 4, "float16": 2}
     min_bytes = sum(math.prod(a.shape) * size.get(a.dtype, 4) for a in kernel.args)
     return flops, min_bytes, reduction
 

@@ -20,90 +20,21 @@ store is guarded. The accumulator tile lives in dynamic shared memory: TVM's sto
 would otherwise reuse the float16 tiles' memory for it (an access-type error in TVM 0.27; with
 ``tirx.merge_static_smem`` a missing barrier, which the CPU execution test caught).
 
-The choice (``plan``): tensor cores when the padded tensor-core work at the H200's float16
-tensor rate beats the useful work at its float32 CUDA-core rate (datasheet rates: 989 and 67
-TFLOP/s; replace them with the GPU kit's measurements once there are any). Depthwise convs
-(16x padding waste) stay on CUDA cores.
+The choice and the tile come from ``gconv_compile.cuda_plan`` (no TVM there): tensor cores when
+the padded tensor-core work at the H200's float16 tensor rate beats the useful work at its
+float32 CUDA-core rate and a tile passes issue #13's gates. Depthwise convs (16x padding
+waste) stay on CUDA cores.
 """
 
 from __future__ import annotations
 
-import itertools
-import math
-from dataclasses import dataclass
-
 import tvm
 from tvm import s_tir, te, tirx
 
+from ..cuda_plan import TensorCoreTile, ceil_to, plan
 from . import cuda_wmma
 
-TENSOR_FLOPS = 989e12  # H200 SXM float16 dense tensor-core peak (datasheet)
-CUDA_CORE_FLOPS = 67e12  # H200 SXM float32 FMA peak (datasheet)
 MIN_ARCH = 70  # WMMA: Volta and later
-SMS = 132
-MAX_SHARED_BYTES = 48 * 1024  # without the opt-in for more
-
-
-def _ceil(a: int, b: int) -> int:
-    return -(-a // b) * b
-
-
-@dataclass(frozen=True)
-class TensorCorePlan:
-    groups: int  # the conv's groups
-    pack: int  # consecutive groups per super-group (one 16-row tile)
-    kg: int  # output channels per group
-    cg: int  # input channels per group
-    taps: int  # kh * kw
-    pixels: int  # N * OH * OW
-    tensor_us: float  # estimate, tensor cores
-    cuda_core_us: float  # estimate, CUDA cores
-    tile: TensorCoreTile | None = None  # None: no tile passes the gates (see choose_tile)
-
-    @property
-    def rows(self) -> int:  # Mp
-        return _ceil(self.pack * self.kg, 16)
-
-    @property
-    def depth(self) -> int:  # Kp
-        return _ceil(self.pack * self.cg * self.taps, 16)
-
-    @property
-    def waste(self) -> float:
-        useful = self.kg * self.cg * self.taps * self.groups
-        return self.rows * self.depth * (self.groups // self.pack) / useful
-
-    @property
-    def chosen(self) -> bool:
-        return self.tile is not None and self.tensor_us < self.cuda_core_us
-
-    def describe(self) -> str:
-        verdict = "tensor cores" if self.chosen else "CUDA cores"
-        if self.rows != self.pack * self.kg:
-            return (f"CUDA cores: {self.groups} groups of {self.kg} output channels do not "
-                    "pack into 16-row tensor-core tiles")  # fmt: skip
-        if self.tile is None:
-            return (f"CUDA cores: no tensor-core tile fills {SMS} SMs with the reduction in one "
-                    f"shared stage ({self.groups // self.pack} GEMMs of {self.rows}x{self.depth} "
-                    f"x {self.pixels} px)")  # fmt: skip
-        return (f"{verdict}: {self.pack} group(s) per {self.rows}-row WMMA tile, "
-                f"{self.waste:.1f}x padded work, estimate {self.tensor_us:.2f} us on tensor cores "
-                f"vs {self.cuda_core_us:.2f} us on CUDA cores (datasheet rates)")  # fmt: skip
-
-
-def plan(groups: int, kg: int, cg: int, taps: int, pixels: int) -> TensorCorePlan:
-    """How the conv would pack, and both estimates."""
-    pack = 1
-    while (pack * kg) % 16 and groups % (pack * 2) == 0 and pack * kg < 16:
-        pack *= 2
-    useful = 2.0 * groups * kg * cg * taps * pixels
-    probe = TensorCorePlan(groups, pack, kg, cg, taps, pixels, 0.0, 0.0)
-    tensor = useful * probe.waste / TENSOR_FLOPS * 1e6
-    # rows that are padding would leave output channels and GEMM rows apart: CUDA cores then
-    exact = probe.rows == pack * kg
-    tile = choose_tile(groups // pack, probe.rows, probe.depth, pixels) if exact else None
-    return TensorCorePlan(groups, pack, kg, cg, taps, pixels, tensor,
-                          useful / CUDA_CORE_FLOPS * 1e6, tile)  # fmt: skip
 
 
 def applies(target) -> bool:
@@ -136,7 +67,7 @@ def legalize_conv2d(bb, call):
                     primfunc_name_hint="gconv_tc_weights")  # fmt: skip
     fields = ",".join(str(getattr(tile, name)) for name in TensorCoreTile.__dataclass_fields__)
     return bb.call_te(_conv_te, x, wt, (f, cg, kh, kw), attrs, groups, chosen.pack,
-                      (tile.pixels, tile.row_blocks), (chosen.describe(), fields),
+                      (tile.pixels, tile.row_blocks), (chosen.describe(), fields, str(chosen.macs)),
                       primfunc_name_hint="conv2d_tensorcore")  # fmt: skip
 
 
@@ -146,7 +77,7 @@ def _weights_te(w, groups: int, pack: int, row_blocks: int):
     f, cg, kh, kw = (int(v) for v in w.shape)
     kg, taps = f // groups, kh * kw
     m2, depth = kg * pack, cg * pack * taps
-    block_rows = _ceil(m2, 16) // row_blocks
+    block_rows = ceil_to(m2, 16) // row_blocks
 
     def block_diagonal(sr, m, k):
         s, m = sr // row_blocks, sr % row_blocks * block_rows + m
@@ -155,7 +86,7 @@ def _weights_te(w, groups: int, pack: int, row_blocks: int):
         value = w[s * m2 + m, c % cg, k % taps // kw, k % kw]
         return tirx.if_then_else(inside, value, tirx.const(0, w.dtype))
 
-    shape = (groups // pack * row_blocks, block_rows, _ceil(depth, 16))
+    shape = (groups // pack * row_blocks, block_rows, ceil_to(depth, 16))
     return te.compute(shape, block_diagonal, name="gconv_tc_w")
 
 
@@ -178,7 +109,7 @@ def _conv_te(x, wt, w_shape, attrs, groups: int, pack: int, tile: tuple, notes: 
         inside = tirx.all(k < c2 * taps, p < pixels, iy >= 0, iy < h, ix >= 0, ix < w)
         return tirx.if_then_else(inside, x[b, s * c2 + c, iy, ix], tirx.const(0, x.dtype))
 
-    padded = _ceil(pixels, tile_px)
+    padded = ceil_to(pixels, tile_px)
     col = te.compute((gemms // row_blocks, depth, padded), im2col, name="gconv_tc_col")
     # rows of all GEMMs stacked: output channel ff is row ff (pack x Kg fills the 16-row tiles)
     k = te.reduce_axis((0, depth), "k")
@@ -188,7 +119,7 @@ def _conv_te(x, wt, w_shape, attrs, groups: int, pack: int, tile: tuple, notes: 
                             * col[r // rows // row_blocks, k, p].astype("float32"), axis=k),
         name="gconv_tc_gemm",
         # the report's reason and the tile, kept through fusion for the schedule
-        attrs={"gconv_plan": notes[0], "gconv_tile": notes[1]},
+        attrs={"gconv_plan": notes[0], "gconv_tile": notes[1], "gconv_macs": notes[2]},
     )  # fmt: skip
 
     def out(b, ff, y, xx):
@@ -198,68 +129,6 @@ def _conv_te(x, wt, w_shape, attrs, groups: int, pack: int, tile: tuple, notes: 
 
 
 # ---------------------------------------------------------------------------------- schedule
-
-
-@dataclass(frozen=True)
-class TensorCoreTile:
-    warps_m: int  # warps along the rows (one 16-row fragment each)
-    warps_p: int  # warps along the pixels
-    frags_p: int  # 16-pixel fragments per warp
-    stage: int  # 16-deep reduction fragments per shared-memory stage (per warp's slice)
-    warps_k: int = 1  # warps that each sum a slice of the reduction (added in the epilogue)
-    row_blocks: int = 1  # blocks along the rows (each 16 x warps_m of them)
-
-    @property
-    def pixels(self) -> int:
-        return self.warps_p * self.frags_p * 16
-
-    @property
-    def threads(self) -> int:
-        return 32 * self.warps_m * self.warps_p * self.warps_k
-
-    def describe(self) -> str:
-        split = f", reduction split over {self.warps_k} warps" if self.warps_k > 1 else ""
-        rows = f"rows in {self.row_blocks} blocks, " if self.row_blocks > 1 else ""
-        return (f"{self.threads} threads ({self.warps_m}x{self.warps_p}x{self.warps_k} warps), "
-                f"{rows}{self.frags_p} accumulator tile(s) of 16x16 per warp, block tile "
-                f"{16 * self.warps_m} rows x {self.pixels} px, "
-                f"{16 * self.stage * self.warps_k} reduction per shared stage{split}")  # fmt: skip
-
-
-def choose_tile(supers: int, rows: int, depth: int, pixels: int) -> TensorCoreTile | None:
-    """The tile for the GEMM (``rows``/``depth``: its padded M and K; ``pixels``: N*OH*OW), or
-    None when no tile passes issue #13's gates: >= 64 threads, a full wave of blocks on 132 SMs,
-    the reduction in one shared stage (a staged loop carries the im2col copy's bounds checks
-    into the MMA loop). Among those: the least pixel padding, the most accumulator
-    tiles per warp, the widest pixel tile, the fewest reduction stages."""
-    depth_frags = depth // 16
-    best, best_key = None, None
-    shapes = itertools.product(_divisors(rows // 16), (1, 2, 4, 8), (1, 2, 3, 4), (1, 2, 4))
-    for warps_m, warps_p, frags_p, warps_k in shapes:
-        threads = 32 * warps_m * warps_p * warps_k
-        tile_px, tile_rows = warps_p * frags_p * 16, 16 * warps_m
-        # the whole reduction in one shared stage (a staged loop carries the im2col copy's
-        # bounds checks into the MMA loop), each warp's float32 accumulators beside it
-        shared = 2 * depth * (tile_rows + tile_px) + 4 * warps_k * tile_rows * tile_px
-        if threads > 512 or shared > MAX_SHARED_BYTES or depth_frags % warps_k:
-            continue
-        row_blocks = rows // tile_rows
-        tile = TensorCoreTile(warps_m, warps_p, frags_p, depth_frags // warps_k, warps_k,
-                              row_blocks)  # fmt: skip
-        blocks = supers * row_blocks * math.ceil(pixels / tile_px)
-        if threads < 64 or blocks < SMS:
-            continue
-        # the least padding, more accumulator tiles per warp (more MMAs per fragment load),
-        # no split reduction, the widest tile
-        padded = _ceil(pixels, tile_px) / pixels
-        key = (round(padded, 1), -frags_p, warps_k, row_blocks, -tile_px)
-        if best_key is None or key < best_key:
-            best, best_key = tile, key
-    return best
-
-
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
 
 
 def is_tensorcore(sch: s_tir.Schedule) -> bool:
@@ -280,6 +149,7 @@ def schedule(func: tirx.PrimFunc) -> tuple[tirx.PrimFunc, str]:
     out_shape = [int(v) for v in last.writes[0].source.shape]
     depth = int(sch.get(gemm).reads[0].source.shape[-1])
     fields = str(sch.get(gemm).annotations["gconv_tile"]).split(",")
+    macs = int(sch.get(gemm).annotations["gconv_macs"])
     tile = TensorCoreTile(*(int(v) for v in fields))
     batch, channels, oh, ow = out_shape
     final = _epilogue(sch, oh, ow)
@@ -308,6 +178,7 @@ def schedule(func: tirx.PrimFunc) -> tuple[tirx.PrimFunc, str]:
     # read by cuda_static: multiply-adds per thread, padding included (8 lanes' share of a
     # 16x16x16 MMA is 128 each; a warp's tile is 16 rows x frags_p x 16 px)
     func = func.with_attr("gconv.fmas_per_thread", 8 * tile.frags_p * depth // tile.warps_k)
+    func = func.with_attr("gconv.macs", macs)
     return func, f"{why}; {tile.describe()}"
 
 
