@@ -11,7 +11,7 @@ inside real runs, so caches hold what the model leaves in them (unlike
 minimum over the runs of its summed time per run. The hook adds about 1 us per call of its
 own (Python), so the call sum slightly exceeds the whole-run time; what the sum and the whole
 run show together is how much of a run is not spent inside calls at all (the VM's own
-dispatch).
+dispatch). ``--ort`` adds onnxruntime's node times from its own profiler, same input.
 """
 
 from __future__ import annotations
@@ -56,12 +56,41 @@ def _profile(library, args, runs: int) -> dict[str, tuple[float, int]]:
     return dict(best)
 
 
+def _ort_profile(model, x: np.ndarray, runs: int, top: int) -> None:
+    """onnxruntime's own profiler (CPU EP, all graph optimisations, every usable core): each
+    node's kernel time, min over the runs, for the same comparison in place."""
+    import json
+
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = len(os.sched_getaffinity(0))
+    options.enable_profiling = True
+    session = ort.InferenceSession(model.SerializeToString(), options)
+    feeds = {session.get_inputs()[0].name: x}
+    for _ in range(runs + 2):
+        session.run(None, feeds)
+    trace = Path(session.end_profiling())
+    events = json.loads(trace.read_text())
+    trace.unlink()
+    nodes: dict[str, list[float]] = collections.defaultdict(list)
+    for event in events:
+        if event.get("cat") == "Node" and event["name"].endswith("_kernel_time"):
+            op = event.get("args", {}).get("op_name", "")
+            nodes[f"{event['name'][: -len('_kernel_time')]} ({op})"].append(event["dur"])
+    best = {name: min(times[-runs:]) for name, times in nodes.items()}
+    print(f"onnxruntime: node kernels {sum(best.values()) / 1e3:.3f} ms in {len(best)} nodes")
+    for name, us in sorted(best.items(), key=lambda kv: -kv[1])[:top]:
+        print(f"{us:9.1f}        {name}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model", choices=("resnext", "mobilenet", "shufflenet"))
     parser.add_argument("--mcpu", default=None, help="llvm CPU (default: this machine's)")
     parser.add_argument("--runs", type=int, default=10)
     parser.add_argument("--top", type=int, default=30)
+    parser.add_argument("--ort", action="store_true", help="also onnxruntime's node times")
     args = parser.parse_args(argv)
     from cpu_functions import _model
     from kernel_timing import machine_line
@@ -95,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'total us':>9} {'calls':>5}  function")
     for name, (total, count) in sorted(best.items(), key=lambda kv: -kv[1][0])[: args.top]:
         print(f"{total:9.1f} {count:5d}  {name}")
+    if args.ort:
+        _ort_profile(model, x, args.runs, args.top)
     return 0
 
 
