@@ -98,13 +98,15 @@ def host_copy_gbps(megabytes: int = 256, runs: int = 10) -> float:
 
 def reference_model(row: dict, library: Path) -> onnx.ModelProto:
     """The ONNX model the library was built from. A generated one is made here from its seed,
-    and its weights are written where the library's sidecar says ``load()`` reads them."""
+    and, when the library was built with a weights file, its weights are written where the
+    library's sidecar says ``load()`` reads them."""
     if "onnx" in row:
         return onnx.load(KIT / row["onnx"])
     model = generate(row["generate"], row["dtype"])
-    entry = json.loads(Path(str(library) + ".json").read_text())["weights"]
-    arrays = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
-    np.savez(library.parent / entry["file"], **{name: arrays[name] for name in entry["names"]})
+    entry = json.loads(Path(str(library) + ".json").read_text()).get("weights")
+    if entry:  # else the weights are constants in the library
+        arrays = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+        np.savez(library.parent / entry["file"], **{n: arrays[n] for n in entry["names"]})
     return model
 
 

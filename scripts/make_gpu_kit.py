@@ -42,6 +42,8 @@ import gconv_compile  # noqa: E402
 from gconv_compile.errors import GconvError  # noqa: E402
 from gconv_compile.library import write_loader, write_runtime  # noqa: E402
 
+WEIGHTS_FILE_BYTES = 4 << 20  # generated models with more weights ship them as a seed
+
 MAX_BYTES = 56 * 1024 * 1024
 ARCH = "sm_90"
 KIT_SOURCES = ("gpu_kit/gpu_run.py", "gpu_kit/kit_models.py", "gpu_kit/torch_reference.py",
@@ -102,7 +104,11 @@ def build_libraries(entry: Entry, libs: Path, models: Path, cuda: bool) -> dict:
     """
     row = {"name": entry.name, "dtype": entry.dtype, "kind": entry.kind, "conv": entry.conv,
            "libraries": {}, "reduction": kit_models.reduction_depth(entry.model)}  # fmt: skip
-    weights = libs / f"{entry.stem}.weights.npz" if entry.generate else None
+    # a generated model's big weights go to a file the machine writes again from the seed; small
+    # ones stay constants in the library, where the build may repack them (the float16 convs'
+    # tensor-core weights: as a file they would be repacked by a kernel on every run)
+    big = sum(init.ByteSize() for init in entry.model.graph.initializer) > WEIGHTS_FILE_BYTES
+    weights = libs / f"{entry.stem}.weights.npz" if entry.generate and big else None
     if entry.generate:
         row["generate"] = entry.generate
     else:
