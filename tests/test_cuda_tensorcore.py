@@ -176,3 +176,15 @@ def test_compile_cli_reports_the_tensor_core_choice(tmp_path, capsys):
     assert "tensor cores" in schedule["detail"] and "estimate" in schedule["detail"]
     (emitted,) = source.glob("*.cu")
     assert "nvcuda::wmma::mma_sync" in emitted.read_text()
+
+
+def test_weights_bound_at_run_time_stay_on_cuda_cores(tmp_path):
+    """With ``--weights-file`` the weights are run-time inputs: repacking them for the tensor
+    cores would cost a kernel launch per run, so the CUDA-core kernel takes the conv."""
+    from gconv_compile.build import compile as build
+
+    model, _, _ = conv_case(512, 512, (14, 14), group=32, dtype="float16")
+    for weights, form in ((None, FORM), (tmp_path / "w.npz", "cuda-grouped-igemm")):
+        built = build(model, "cuda", output=tmp_path / "m.so", arch="sm_90", check=False,
+                      weights_file=weights)  # fmt: skip
+        assert form in [s["schedule"] for s in built.report.extra["schedules"]]

@@ -56,6 +56,10 @@ def legalize_conv2d(bb, call):
             or attrs.data_layout != "NCHW" or attrs.kernel_layout != "OIHW"
             or attrs.out_layout != "NCHW"):  # fmt: skip
         return default(bb, call)
+    if not isinstance(w, tvm.ir.expr.Constant):
+        # weights bound at run time (--weights-file) would be repacked by a kernel on every
+        # run, a launch longer than the conv at batch 1: the CUDA-core kernel takes them
+        return default(bb, call)
     f, cg, kh, kw = (int(v) for v in w.ty.shape)
     n, _, oh, ow = (int(v) for v in call.ty.shape)
     groups = int(attrs.groups)
