@@ -66,6 +66,7 @@ class Entry:
     conv: dict | None = None
     generate: dict | None = None
     shapes: dict | None = None
+    env: dict | None = None  # set while compiling (GCONV_TENSOR_CORES=0: the CUDA-core form)
 
     @property
     def stem(self) -> str:
@@ -82,12 +83,17 @@ def entries() -> list[Entry]:
         Entry("resnext50", "float32", kit_models.resnext50(), "model",
               generate=kit_models.generator_spec()),
     ]  # fmt: skip
+    resnext = {shape.name for shape in kit_models.resnext_convs()}
     for shape in kit_models.resnext_convs() + kit_models.mobilenet_convs():
         spec = kit_models.generator_spec(shape)
         conv = kit_models.conv_info(shape).to_dict()
         for dtype in ("float32", "float16"):
             model = kit_models.generate(spec, dtype)
             out.append(Entry(shape.name, dtype, model, "conv", conv, generate=spec))
+        if shape.name in resnext:  # float16 on CUDA cores too: what the tensor cores gain
+            model = kit_models.generate(spec, "float16")
+            out.append(Entry(f"{shape.name}-cuda-cores", "float16", model, "conv", conv,
+                             generate=spec, env={"GCONV_TENSOR_CORES": "0"}))  # fmt: skip
     out.append(Entry("shufflenet_v1", "float32", zoo_model("light_shufflenet"), "model"))
     block = kit_models.branchy_block()
     out.append(Entry("resnext_block_branchy", "float32", block, "model"))
@@ -116,10 +122,19 @@ def build_libraries(entry: Entry, libs: Path, models: Path, cuda: bool) -> dict:
         row["onnx"] = f"models/{entry.stem}.onnx"
     for target in ["llvm", "cuda"] if cuda else ["llvm"]:
         library = libs / f"{entry.stem}.{target}.so"
-        compiled = gconv_compile.compile(
-            entry.model, target, output=library, arch=ARCH if target == "cuda" else None,
-            check=entry.dtype == "float32", shapes=entry.shapes, weights_file=weights,
-        )  # fmt: skip
+        saved = {k: os.environ.get(k) for k in entry.env or {}}
+        os.environ.update(entry.env or {})
+        try:
+            compiled = gconv_compile.compile(
+                entry.model, target, output=library, arch=ARCH if target == "cuda" else None,
+                check=entry.dtype == "float32", shapes=entry.shapes, weights_file=weights,
+            )  # fmt: skip
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key)
+                else:
+                    os.environ[key] = value
         if target == "cuda" and not compiled.info.cuda_binary:
             row["cuda_build_error"] = compiled.info.cuda_note
             print(f"make_gpu_kit: {library.name}: {compiled.info.cuda_note}", file=sys.stderr)

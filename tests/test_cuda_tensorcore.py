@@ -188,3 +188,10 @@ def test_weights_bound_at_run_time_stay_on_cuda_cores(tmp_path):
         built = build(model, "cuda", output=tmp_path / "m.so", arch="sm_90", check=False,
                       weights_file=weights)  # fmt: skip
         assert form in [s["schedule"] for s in built.report.extra["schedules"]]
+
+
+def test_tensor_cores_can_be_turned_off(monkeypatch):
+    """``GCONV_TENSOR_CORES=0``: the CUDA-core kernel (the GPU kit builds both forms)."""
+    model, _, _ = conv_case(512, 512, (14, 14), group=32, dtype="float16")
+    monkeypatch.setenv("GCONV_TENSOR_CORES", "0")
+    assert the_kernel(model, "cuda-grouped-igemm").schedule == "cuda-grouped-igemm"

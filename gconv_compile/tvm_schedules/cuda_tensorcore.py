@@ -28,6 +28,8 @@ waste) stay on CUDA cores.
 
 from __future__ import annotations
 
+import os
+
 import tvm
 from tvm import s_tir, te, tirx
 
@@ -38,6 +40,10 @@ MIN_ARCH = 70  # WMMA: Volta and later
 
 
 def applies(target) -> bool:
+    """WMMA exists for the target (sm_70 and later), and ``GCONV_TENSOR_CORES`` is not ``0``
+    (the GPU kit builds each float16 conv both ways, to measure what the estimate assumes)."""
+    if os.environ.get("GCONV_TENSOR_CORES", "1") == "0":
+        return False
     arch = str(target.attrs.get("arch", "")) if target.kind.name == "cuda" else ""
     return arch.startswith("sm_") and int(arch[3:5]) >= MIN_ARCH
 
