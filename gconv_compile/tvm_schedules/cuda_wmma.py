@@ -33,18 +33,26 @@ def _fragment_index(buffer, stride, rows, cols):
     )
 
 
-def _load(scope: str):
+def _copy_desc(dtype: str, source: str, target: str):
+    """What a fragment load or store does: a 16x16 copy from ``source`` to ``target`` scope."""
+
     @T.prim_func(s_tir=True)
     def desc(a: T.handle, c: T.handle) -> None:
-        A = T.match_buffer(a, (16, 16), "float16", align=64, offset_factor=16, scope="shared")
-        C = T.match_buffer(c, (16, 16), "float16", align=64, offset_factor=16, scope=scope)
+        A = T.match_buffer(a, (16, 16), dtype, align=64, offset_factor=16, scope=source)
+        C = T.match_buffer(c, (16, 16), dtype, align=64, offset_factor=16, scope=target)
         with T.sblock("root"):
             T.reads(A[0:16, 0:16])
             T.writes(C[0:16, 0:16])
             for i, j in T.grid(16, 16):
-                with T.sblock("load"):
+                with T.sblock("copy"):
                     vi, vj = T.axis.remap("SS", [i, j])
                     C[vi, vj] = A[vi, vj]
+
+    return desc
+
+
+def _load(scope: str):
+    desc = _copy_desc("float16", "shared", scope)
 
     @T.prim_func(s_tir=True)
     def impl(a: T.handle, c: T.handle) -> None:
@@ -131,18 +139,7 @@ def _sync_impl(a: T.handle, b: T.handle, c: T.handle) -> None:
 
 
 def _store(scope: str):
-    @T.prim_func(s_tir=True)
-    def desc(a: T.handle, c: T.handle) -> None:
-        A = T.match_buffer(a, (16, 16), "float32", align=64, offset_factor=16,
-                           scope="wmma.accumulator")  # fmt: skip
-        C = T.match_buffer(c, (16, 16), "float32", align=64, offset_factor=16, scope=scope)
-        with T.sblock("root"):
-            T.reads(A[0:16, 0:16])
-            T.writes(C[0:16, 0:16])
-            for i, j in T.grid(16, 16):
-                with T.sblock("store"):
-                    vi, vj = T.axis.remap("SS", [i, j])
-                    C[vi, vj] = A[vi, vj]
+    desc = _copy_desc("float32", "wmma.accumulator", scope)
 
     @T.prim_func(s_tir=True)
     def impl(a: T.handle, c: T.handle) -> None:
