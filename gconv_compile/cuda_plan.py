@@ -10,12 +10,31 @@ are datasheet numbers: replace them with the GPU kit's measurements once there a
 
 from __future__ import annotations
 
+import functools
 import itertools
+import json
 import math
 from dataclasses import dataclass
+from pathlib import Path
 
 TENSOR_FLOPS = 989e12  # H200 SXM float16 dense tensor-core peak (datasheet)
 CUDA_CORE_FLOPS = 67e12  # H200 SXM float32 FMA peak (datasheet)
+# Written by scripts/gpu_rates.py from a GPU kit run; absent until a GPU has run the kit.
+MEASURED_RATES = Path(__file__).with_name("cuda_rates.json")
+
+
+@functools.cache
+def rates(path: Path = MEASURED_RATES) -> tuple[float, float, str]:
+    """(tensor-core FLOP/s, CUDA-core FLOP/s, where they come from): measured ones when the GPU
+    kit's results were turned into ``cuda_rates.json``, the datasheet's otherwise. Only their
+    ratio decides; measured rates are achieved ones (launch and memory included)."""
+    if path.exists():
+        data = json.loads(path.read_text())
+        source = f"rates measured on {data['device']} {data['date']}"
+        return float(data["tensor_flops"]), float(data["cuda_core_flops"]), source
+    return TENSOR_FLOPS, CUDA_CORE_FLOPS, "datasheet rates"
+
+
 SMS = 132
 MAX_SHARED_BYTES = 48 * 1024  # without the opt-in for more
 
@@ -70,7 +89,7 @@ class TensorCorePlan:
                     f"x {self.pixels} px)")  # fmt: skip
         return (f"{verdict}: {self.pack} group(s) per {self.rows}-row WMMA tile, "
                 f"{self.waste:.1f}x padded work, estimate {self.tensor_us:.2f} us on tensor cores "
-                f"vs {self.cuda_core_us:.2f} us on CUDA cores (datasheet rates)")  # fmt: skip
+                f"vs {self.cuda_core_us:.2f} us on CUDA cores ({rates()[2]})")  # fmt: skip
 
 
 def plan(groups: int, kg: int, cg: int, taps: int, pixels: int) -> TensorCorePlan:
@@ -80,12 +99,13 @@ def plan(groups: int, kg: int, cg: int, taps: int, pixels: int) -> TensorCorePla
         pack *= 2
     useful = 2.0 * groups * kg * cg * taps * pixels
     probe = TensorCorePlan(groups, pack, kg, cg, taps, pixels, 0.0, 0.0)
-    tensor = useful * probe.waste / TENSOR_FLOPS * 1e6
+    tensor_flops, cuda_core_flops, _ = rates()
+    tensor = useful * probe.waste / tensor_flops * 1e6
     # rows that are padding would leave output channels and GEMM rows apart: CUDA cores then
     exact = probe.rows == pack * kg
     tile = choose_tile(groups // pack, probe.rows, probe.depth, pixels) if exact else None
     return TensorCorePlan(groups, pack, kg, cg, taps, pixels, tensor,
-                          useful / CUDA_CORE_FLOPS * 1e6, tile)  # fmt: skip
+                          useful / cuda_core_flops * 1e6, tile)  # fmt: skip
 
 
 @dataclass(frozen=True)
