@@ -195,3 +195,21 @@ def test_tensor_cores_can_be_turned_off(monkeypatch):
     model, _, _ = conv_case(512, 512, (14, 14), group=32, dtype="float16")
     monkeypatch.setenv("GCONV_TENSOR_CORES", "0")
     assert the_kernel(model, "cuda-grouped-igemm").schedule == "cuda-grouped-igemm"
+
+
+def test_symbolic_shapes_stay_on_cuda_cores():
+    """A batch only known at run time: no tile can be chosen, TVM's own conv takes it."""
+    model, _, _ = conv_case(512, 512, (14, 14), group=32, dtype="float16")
+    model.graph.input[0].type.tensor_type.shape.dim[0].dim_param = "N"
+    import tvm
+    from tvm.relax.frontend.onnx import from_onnx
+
+    from gconv_compile.tvm_schedules import legalize_and_fuse
+    from gconv_compile.tvm_schedules.cuda_kernels import cuda_target
+
+    target = cuda_target()
+    with target:
+        mod = tvm.transform.Sequential(legalize_and_fuse(target))(
+            from_onnx(model, keep_params_in_input=False))  # fmt: skip
+    names = [str(gv.name_hint) for gv, _ in mod.functions_items()]
+    assert not any("tensorcore" in n for n in names) and any("conv2d" in n for n in names)

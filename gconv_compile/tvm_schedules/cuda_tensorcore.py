@@ -66,8 +66,11 @@ def legalize_conv2d(bb, call):
         # weights bound at run time (--weights-file) would be repacked by a kernel on every
         # run, a launch longer than the conv at batch 1: the CUDA-core kernel takes them
         return default(bb, call)
+    shape = [getattr(v, "value", None) for v in (*x.ty.shape, *call.ty.shape)]
+    if any(d is None for d in shape):  # a symbolic dimension: the tile needs the pixels
+        return default(bb, call)
     f, cg, kh, kw = (int(v) for v in w.ty.shape)
-    n, _, oh, ow = (int(v) for v in call.ty.shape)
+    n, _, oh, ow = shape[4:]
     groups = int(attrs.groups)
     chosen = plan(groups, f // groups, cg, kh * kw, n * oh * ow)
     if not chosen.chosen or cg == 1 and f == groups:
