@@ -138,11 +138,12 @@ def choose_tile(supers: int, rows: int, depth: int, pixels: int) -> TensorCoreTi
     """The tile for the GEMM (``rows``/``depth``: its padded M and K; ``pixels``: N*OH*OW), or
     None when no tile passes issue #13's gates: >= 64 threads, a full wave of blocks on 132 SMs,
     the reduction in one shared stage (a staged loop carries the im2col copy's bounds checks
-    into the MMA loop). Among those: the least pixel padding, the most accumulator
-    tiles per warp, the widest pixel tile, the fewest reduction stages."""
+    into the MMA loop), every copy spread evenly over the threads. Among those: the most
+    accumulator tiles per warp with at most 25% padded pixels, then the least padding, no
+    split reduction, the widest pixel tile."""
     depth_frags = depth // 16
     best, best_key = None, None
-    shapes = itertools.product(_divisors(rows // 16), (1, 2, 4, 8), (1, 2, 3, 4), (1, 2, 4))
+    shapes = itertools.product(_divisors(rows // 16), (1, 2, 4, 8), (1, 2, 3, 4), (1, 2, 3, 4))
     for warps_m, warps_p, frags_p, warps_k in shapes:
         threads = 32 * warps_m * warps_p * warps_k
         tile_px, tile_rows = warps_p * frags_p * 16, 16 * warps_m
@@ -155,12 +156,15 @@ def choose_tile(supers: int, rows: int, depth: int, pixels: int) -> TensorCoreTi
         tile = TensorCoreTile(warps_m, warps_p, frags_p, depth_frags // warps_k, warps_k,
                               row_blocks)  # fmt: skip
         blocks = supers * row_blocks * math.ceil(pixels / tile_px)
-        if threads < 64 or blocks < SMS:
+        # every copy and the epilogue spread evenly over the threads: a remainder would put
+        # a barrier under a condition (TVM refuses to lower it)
+        spread = (tile_rows * depth, depth * tile_px, tile_rows * tile_px)
+        if threads < 64 or blocks < SMS or any(n % threads for n in spread):
             continue
-        # the least padding, more accumulator tiles per warp (more MMAs per fragment load),
-        # no split reduction, the widest tile
+        # at most 25% padded pixels, then the most accumulator tiles per warp (more MMAs per
+        # fragment load), the least padding, no split reduction, the widest tile
         padded = ceil_to(pixels, tile_px) / pixels
-        key = (round(padded, 1), -frags_p, warps_k, row_blocks, -tile_px)
+        key = (padded > 1.25, -frags_p, round(padded, 1), warps_k, row_blocks, -tile_px)
         if best_key is None or key < best_key:
             best, best_key = tile, key
     return best
