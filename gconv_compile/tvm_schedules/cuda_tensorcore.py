@@ -2,28 +2,28 @@
 
 cuDNN runs narrow grouped convs as implicit GEMMs whose MMA tiles hold several groups; this is
 the same idea in TVM. A float16 grouped conv that ``cuda_accumulate`` widened (float32 sums) is
-legalised, when the estimate below prefers it, as a batched GEMM over super-groups of ``pack``
-consecutive groups whose weights sit block-diagonally in one 16-row tile::
+legalised, when ``cuda_plan`` prefers it, as GEMMs over super-groups of ``pack`` consecutive
+groups whose weights sit block-diagonally in 16-row tiles (pack x Kg a multiple of 16)::
 
-    weights  W[G*Kg, Cg, kh, kw]  --constant-->  Wt[G/pack, Mp, Kp]   block-diagonal, zero-padded
-    im2col   X[N, C, H, W]        --in the load--> col[G/pack, Kp, P]  (never materialised)
-    gemm     acc[s, m, p] = sum_k Wt[s, m, k] * col[s, k, p]           WMMA 16x16x16, float32
-    out      Y[n, f, y, x] = epilogue(acc[f // M, f % M, pixel(n, y, x)])
+    weights  W[G*Kg, Cg, kh, kw] --build time--> Wt[S, R, Kp]   block-diagonal; S GEMMs of R rows
+                                                               (super-groups x row blocks)
+    im2col   X[N, C, H, W]  --inside the shared-memory copy--> col[super, Kp, P]  (never stored)
+    gemm     acc[f, p] = sum_k Wt[f // R, f % R, k] * col[super(f), k, p]   WMMA 16x16x16, fp32
+    out      Y[n, f, y, x] = epilogue(acc[f, pixel(n, y, x)])
 
-``Mp`` = pack x Kg rounded up to 16, ``Kp`` = pack x Cg x kh x kw rounded up to 16, ``P`` the
-output pixels rounded up to the block tile. The kernel: one block per (super-group, pixel tile);
-each warp owns one 16-row fragment row and ``wn`` 16-pixel fragments; the weights and the
-im2col tile of a reduction stage are copied to shared memory (the im2col gather, padding and
-bounds folded into that copy), the warps run ``wmma::mma_sync`` over the stage, then store
-their accumulators to shared memory where all threads run the fused epilogue: only the final
+``Kp`` = pack x Cg x kh x kw rounded up to 16 (zero rows and columns), ``P`` the output pixels
+rounded up to the pixel tile. The kernel: one block per (GEMM, pixel tile); each warp owns a
+16-row fragment row and ``frags_p`` 16-pixel fragments, or, with the reduction split over
+``warps_k`` warps (rfactor), a slice of it; the weights and the im2col tile of the whole
+reduction are copied to shared memory once (gather, padding and bounds in that copy), the
+weight fragments stay in registers, the warps run ``wmma::mma_sync``, store their accumulators
+to shared memory, and all threads add the slices and run the fused epilogue: only the final
 store is guarded. The accumulator tile lives in dynamic shared memory: TVM's storage planner
 would otherwise reuse the float16 tiles' memory for it (an access-type error in TVM 0.27; with
 ``tirx.merge_static_smem`` a missing barrier, which the CPU execution test caught).
 
-The choice and the tile come from ``gconv_compile.cuda_plan`` (no TVM there): tensor cores when
-the padded tensor-core work at the H200's float16 tensor rate beats the useful work at its
-float32 CUDA-core rate and a tile passes issue #13's gates. Depthwise convs (16x padding
-waste) stay on CUDA cores.
+The choice and the tile come from ``gconv_compile.cuda_plan`` (no TVM there). Weights bound at
+run time and symbolic shapes keep TVM's own conv (then the CUDA-core schedule).
 """
 
 from __future__ import annotations
