@@ -170,7 +170,10 @@ def test_compile_cli_reports_the_tensor_core_choice(tmp_path, capsys):
     code = cli.main(["compile", str(path), "--target", "cuda", "--arch", "sm_90", "--no-check",
                      "-o", str(tmp_path / "m.so"), "--report", str(report),
                      "--emit-source", str(source)])  # fmt: skip
-    assert code == 0, capsys.readouterr().err
+    printed = capsys.readouterr()
+    assert code == 0, printed.err
+    assert "cuda-grouped-tensorcore (grouped conv 512->512 g32 3x3 s1 out 14x14 float16: " \
+        "tensor cores:" in printed.out  # fmt: skip
     (schedule,) = json.loads(report.read_text())["schedules"]
     assert schedule["schedule"] == FORM
     assert "tensor cores" in schedule["detail"] and "estimate" in schedule["detail"]

@@ -80,8 +80,17 @@ def legalize_conv2d(bb, call):
                     primfunc_name_hint="gconv_tc_weights")  # fmt: skip
     fields = ",".join(str(getattr(tile, name)) for name in TensorCoreTile.__dataclass_fields__)
     return bb.call_te(_conv_te, x, wt, (f, cg, kh, kw), attrs, groups, chosen.pack,
-                      (tile.pixels, tile.row_blocks), (chosen.describe(), fields, str(chosen.macs)),
+                      (tile.pixels, tile.row_blocks), (_what(call, groups) + chosen.describe(), fields,
+                                                       str(chosen.macs)),
                       primfunc_name_hint="conv2d_tensorcore")  # fmt: skip
+
+
+def _what(call, groups: int) -> str:
+    """The conv, as the other schedules' decision lines name it."""
+    (_, c_in, _, _), (f, _, kh, kw) = (tuple(int(d) for d in a.ty.shape) for a in call.args)
+    _, _, oh, ow = (int(d) for d in call.ty.shape)
+    stride = int(call.attrs.strides[0])
+    return f"grouped conv {c_in}->{f} g{groups} {kh}x{kw} s{stride} out {oh}x{ow} float16: "
 
 
 def _weights_te(w, groups: int, pack: int, row_blocks: int):
