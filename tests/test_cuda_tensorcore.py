@@ -216,3 +216,33 @@ def test_symbolic_shapes_stay_on_cuda_cores():
             from_onnx(model, keep_params_in_input=False))  # fmt: skip
     names = [str(gv.name_hint) for gv, _ in mod.functions_items()]
     assert not any("tensorcore" in n for n in names) and any("conv2d" in n for n in names)
+
+
+def _random_cases(count: int, seed: int = 7) -> list[dict]:
+    """Seeded grouped float16 convs that ``cuda_plan`` puts on tensor cores."""
+    import random
+
+    from test_cuda_on_cpu import _out_pixels
+
+    r, cases = random.Random(seed), []
+    while len(cases) < count:
+        g, kg, cg = (
+            r.choice([2, 4, 8, 16, 32]),
+            r.choice([2, 4, 8, 16, 32]),
+            r.choice([2, 4, 8, 16]),
+        )
+        k, size, stride = r.choice([1, 3]), r.choice([9, 14, 17, 20]), r.choice([1, 2])
+        case = dict(c_in=g * cg, c_out=g * kg, size=(size, size), group=g, kernel=k,
+                    stride=stride, batch=r.choice([1, 2]), pads=[k // 2] * 4)  # fmt: skip
+        if cuda_plan.plan(g, kg, cg, k * k, _out_pixels(case)).chosen:
+            cases.append(case)
+    return cases
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", _random_cases(12), ids=lambda c: (
+    f"g{c['group']}-{c['c_in']}to{c['c_out']}-k{c['kernel']}-s{c['stride']}-"
+    f"{c['size'][0]}px-b{c['batch']}"))  # fmt: skip
+def test_random_shapes_match_onnxruntime(case):
+    kernel, x, ref = _kernel(case)
+    np.testing.assert_allclose(run(kernel, x), ref, **TOL["float16-acc32"], err_msg=kernel.detail)
