@@ -79,9 +79,9 @@ def legalize_conv2d(bb, call):
     wt = bb.emit_te(_weights_te, w, groups, chosen.pack, tile.row_blocks,
                     primfunc_name_hint="gconv_tc_weights")  # fmt: skip
     fields = ",".join(str(getattr(tile, name)) for name in TensorCoreTile.__dataclass_fields__)
+    notes = (_what(call, groups) + chosen.describe(), fields, str(chosen.macs))
     return bb.call_te(_conv_te, x, wt, (f, cg, kh, kw), attrs, groups, chosen.pack,
-                      (tile.pixels, tile.row_blocks), (_what(call, groups) + chosen.describe(), fields,
-                                                       str(chosen.macs)),
+                      (tile.pixels, tile.row_blocks), notes,
                       primfunc_name_hint="conv2d_tensorcore")  # fmt: skip
 
 
