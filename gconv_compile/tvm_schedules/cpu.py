@@ -190,6 +190,19 @@ def _small_map_extra_accumulators(conv: ConvInfo, registers: int) -> int:
     return 0
 
 
+def _depthwise_channels(conv: ConvInfo, f: int, accumulators: int, budget: int) -> int:
+    """Channels per tile of a stride-1 depthwise conv whose rows leave registers free.
+
+    On 7x7 and 14x14 maps a channel's tile is at most 7 accumulators (7 rows x 1 vector); two
+    channels per tile give the core two independent chains and halve the task count. Alone, 2
+    threads, the AVX-512 EPYC of issue #14: MobileNetV2's 960@7x7 20.0 -> 17.2 us, 384@14x14
+    15.1 -> 14.4, 576@14x14 24.0 -> 22.0; three channels were slower (21.8 us on 960@7x7).
+    """
+    if conv.kind != "depthwise" or conv.stride != (1, 1) or conv.out_channels % 2:
+        return f
+    return 2 if 2 * accumulators <= budget else 1
+
+
 def _best_register_tile(budget: int, f_opts: list[int], x_opts: list[int], y_opts: list[int]) -> tuple[float, int, int, int] | None:  # fmt: skip
     """Best (score, f, y, x) register tile: most FMAs per load, then most accumulators."""
     best = None
@@ -259,6 +272,7 @@ def choose_tile(
         tile = _best_register_tile(budget, _divisors(conv.out_per_group, 8), x_opts, p_y_opts)
         if tile:
             score, f, y, x = tile
+            f = _depthwise_channels(conv, f, y * x, budget)
             use = _lane_use(x_vec, lanes) / (2 * conv.stride[1] if gather else 1)
             candidates.append((use, score, CpuTile("pixel", lanes, x_vec, f, y, x, 1, split)))
     f_vec = _pow2_divisor(conv.out_per_group, lanes)
