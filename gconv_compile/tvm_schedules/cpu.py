@@ -203,8 +203,24 @@ def _depthwise_channels(conv: ConvInfo, f: int, accumulators: int, budget: int) 
     return 2 if 2 * accumulators <= budget else 1
 
 
-def _best_register_tile(budget: int, f_opts: list[int], x_opts: list[int], y_opts: list[int]) -> tuple[float, int, int, int] | None:  # fmt: skip
-    """Best (score, f, y, x) register tile: most FMAs per load, then most accumulators."""
+def _split_vector_loads(conv: ConvInfo, vector: int, lanes: int) -> int:
+    """Loads LLVM makes for one pixel vector of a 1x1 conv's row-dividing width (AVX-512).
+
+    A 14-wide vector is loaded as 8 + 4 + 2 lanes and inserted: counted as one load, the tile
+    of ShuffleNet v1's 272->272 g4 conv on 14x14 was 2 channels x 7 vectors (37 us alone, 2
+    threads, the AVX-512 EPYC of issue #14); counted as three, 4 x 2 (25 us). Measured on
+    AVX-512 only: AVX2 keeps its tiles.
+    """
+    if not conv.is_pointwise or lanes < 16 or vector >= lanes or not vector & (vector - 1):
+        return 1
+    return bin(vector).count("1")
+
+
+def _best_register_tile(budget: int, f_opts: list[int], x_opts: list[int], y_opts: list[int], pixel_loads: int = 1) -> tuple[float, int, int, int] | None:  # fmt: skip
+    """Best (score, f, y, x) register tile: most FMAs per load, then most accumulators.
+
+    ``pixel_loads``: loads per pixel operand (a 14-wide vector is three: 8 + 4 + 2 lanes).
+    """
     best = None
     for f in f_opts:
         for y in y_opts:
@@ -212,7 +228,7 @@ def _best_register_tile(budget: int, f_opts: list[int], x_opts: list[int], y_opt
                 acc = f * y * x
                 if acc > budget:
                     continue
-                loads = f + y * x  # one operand per channel step, one per pixel step
+                loads = f + y * x * pixel_loads  # channel operands, then pixel operands
                 key = (acc / loads, acc)
                 if best is None or key > best[0]:
                     best = (key, f, y, x)
@@ -269,7 +285,10 @@ def choose_tile(
             # (the FMA-per-load pick) 213, 4x7 240, 8x1 210+, even/odd split 380+
             x_opts = [1]
             p_y_opts = [y for y in y_opts if y <= 4]
-        tile = _best_register_tile(budget, _divisors(conv.out_per_group, 8), x_opts, p_y_opts)
+        f_opts = _divisors(conv.out_per_group, 8)
+        tile = _best_register_tile(
+            budget, f_opts, x_opts, p_y_opts, _split_vector_loads(conv, x_vec, lanes)
+        )
         if tile:
             score, f, y, x = tile
             f = _depthwise_channels(conv, f, y * x, budget)
