@@ -191,26 +191,25 @@ def _small_map_extra_accumulators(conv: ConvInfo, registers: int) -> int:
 
 
 def _depthwise_channels(conv: ConvInfo, f: int, accumulators: int, budget: int) -> int:
-    """Channels per tile of a stride-1 depthwise conv whose rows leave registers free.
-
-    On 7x7 and 14x14 maps a channel's tile is at most 7 accumulators (7 rows x 1 vector); two
-    channels per tile give the core two independent chains and halve the task count. Alone, 2
-    threads, the AVX-512 EPYC of issue #14: MobileNetV2's 960@7x7 20.0 -> 17.2 us, 384@14x14
-    15.1 -> 14.4, 576@14x14 24.0 -> 22.0; three channels were slower (21.8 us on 960@7x7).
-    """
+    """Two channels per tile for a stride-1 depthwise conv whose rows fill half the registers
+    (7x7, 14x14 maps): MobileNetV2's 960@7x7 20.0 -> 17.2 us alone, 2 threads, AVX-512 EPYC
+    (three channels: 21.8); ShuffleNet's and MobileNetV2's models 0.99x (performance.md)."""
     if conv.kind != "depthwise" or conv.stride != (1, 1) or conv.out_channels % 2:
         return f
     return 2 if 2 * accumulators <= budget else 1
 
 
-def _split_vector_loads(conv: ConvInfo, vector: int, lanes: int) -> int:
-    """Loads LLVM makes for one pixel vector of a 1x1 conv's row-dividing width (AVX-512).
+def _pixel_channels(conv: ConvInfo, budget: int, registers: int) -> tuple[list[int], int]:
+    """Channel steps and budget of a pixel tile: a grouped 1x1 conv's may straddle groups (34
+    or 68 per group) and take 4 x 7 with AVX-512 (ShuffleNet's 136 g4 on 28x28: 30.9 -> 21.3 us)."""
+    if conv.kind == "grouped" and conv.is_pointwise and registers > 16:
+        return _divisors(conv.out_channels, 8), budget + 2
+    return _divisors(conv.out_per_group, 8), budget
 
-    A 14-wide vector is loaded as 8 + 4 + 2 lanes and inserted: counted as one load, the tile
-    of ShuffleNet v1's 272->272 g4 conv on 14x14 was 2 channels x 7 vectors (37 us alone, 2
-    threads, the AVX-512 EPYC of issue #14); counted as three, 4 x 2 (25 us). Measured on
-    AVX-512 only: AVX2 keeps its tiles.
-    """
+
+def _split_vector_loads(conv: ConvInfo, vector: int, lanes: int) -> int:
+    """Loads LLVM makes for a 1x1 conv's pixel vector of row-dividing width, 14 = 8 + 4 + 2
+    (AVX-512 only): ShuffleNet's 272 g4 on 14x14 then takes 4 x 2, not 2 x 7 (37 -> 25 us)."""
     if not conv.is_pointwise or lanes < 16 or vector >= lanes or not vector & (vector - 1):
         return 1
     return bin(vector).count("1")
@@ -285,9 +284,9 @@ def choose_tile(
             # (the FMA-per-load pick) 213, 4x7 240, 8x1 210+, even/odd split 380+
             x_opts = [1]
             p_y_opts = [y for y in y_opts if y <= 4]
-        f_opts = _divisors(conv.out_per_group, 8)
+        f_opts, p_budget = _pixel_channels(conv, budget, registers)
         tile = _best_register_tile(
-            budget, f_opts, x_opts, p_y_opts, _split_vector_loads(conv, x_vec, lanes)
+            p_budget, f_opts, x_opts, p_y_opts, _split_vector_loads(conv, x_vec, lanes)
         )
         if tile:
             score, f, y, x = tile
