@@ -1,11 +1,12 @@
 """How a float16 grouped conv maps onto tensor cores, and whether it should (no TVM here).
 
 ``plan`` packs ``pack`` consecutive groups block-diagonally into 16-row GEMM tiles (the
-padding it costs is ``waste``), estimates the tensor-core and the CUDA-core time from the
-H200's datasheet rates, and ``choose_tile`` picks the kernel's tile under issue #13's gates.
+padding it costs is ``waste``), estimates the tensor-core and the CUDA-core time from
+``rates()``, and ``choose_tile`` picks the kernel's tile under issue #13's gates.
 ``tvm_schedules.cuda_tensorcore`` builds and schedules the kernel from them;
 ``targets.choose_cuda_conv_forms`` weighs them against a dense block-diagonal conv. The rates
-are datasheet numbers: replace them with the GPU kit's measurements once there are any.
+are the H200 datasheet's until ``scripts/gpu_rates.py`` writes measured ones from a GPU kit run
+(``cuda_rates.json`` beside this module).
 """
 
 from __future__ import annotations
