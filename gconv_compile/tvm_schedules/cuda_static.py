@@ -253,11 +253,15 @@ def hot_loop(instrs: list[Instr]) -> HotLoop:
     )
 
 
+def _tensor_macs_per_sm(gpu: Gpu) -> float:
+    """Multiply-adds per second one SM's tensor cores do at the float16 peak."""
+    return gpu.peak_flops["float16"] / 2 / gpu.sms
+
+
 def tensor_clocks_per_mma(gpu: Gpu = H200) -> float:
     """Clocks one HMMA.16816 (16x8x16 multiply-adds) keeps a sub-partition's tensor core busy
     at the peak rate (4 sub-partitions per SM, each issuing one warp instruction per clock)."""
-    macs_per_clock = gpu.peak_flops["float16"] / 2 / gpu.sms / gpu.clock_hz / 4
-    return 16 * 8 * 16 / macs_per_clock
+    return 16 * 8 * 16 / (_tensor_macs_per_sm(gpu) / gpu.clock_hz / 4)
 
 
 def mma_issue_bound(loop: HotLoop, gpu: Gpu = H200) -> bool:
@@ -268,9 +272,8 @@ def mma_issue_bound(loop: HotLoop, gpu: Gpu = H200) -> bool:
     return loop.instructions / loop.mma_instructions > tensor_clocks_per_mma(gpu)
 
 
-def _mma_share(sass: list[Instr], loop: HotLoop) -> float:
-    """The part of the hot loop's multiply-adds that MMAs do (0 for CUDA-core code)."""
-    del loop
+def _mma_share(sass: list[Instr]) -> float:
+    """The part of the kernel's multiply-adds that MMAs do (0 for CUDA-core code)."""
     ops = [_fma_ops(i) for i in sass]
     mma = sum(o for i, o in zip(sass, ops) if i.opcode.startswith("HMMA") and o)
     return mma / max(sum(ops), 1)
@@ -349,8 +352,7 @@ def _bound(kernel: Kernel, ptxas: Ptxas, sass: list[Instr], gpu: Gpu) -> Review:
     )
     dram_s = min_bytes / gpu.dram_bytes_s
     # the tensor cores' own rate: every MAC the busiest SM's MMAs do (padding included)
-    mma_share = _mma_share(sass, loop)
-    tensor_s = lanes * fmas * mma_share / (gpu.peak_flops["float16"] / 2 / gpu.sms)
+    tensor_s = lanes * fmas * _mma_share(sass) / _tensor_macs_per_sm(gpu)
     bound, by = max((issue_s, "issue"), (shared_s, "shared"), (dram_s, "dram"),
                     (tensor_s, "tensor"))  # fmt: skip
     return Review(kernel, ptxas, loop, flops, min_bytes, roofline, bound, by)

@@ -79,18 +79,14 @@ def legalize_conv2d(bb, call):
     wt = bb.emit_te(_weights_te, w, groups, chosen.pack, tile.row_blocks,
                     primfunc_name_hint="gconv_tc_weights")  # fmt: skip
     fields = ",".join(str(getattr(tile, name)) for name in TensorCoreTile.__dataclass_fields__)
-    notes = (_what(call, groups) + chosen.describe(), fields, str(chosen.macs))
+    what = (
+        f"grouped conv {shape[1]}->{f} g{groups} {kh}x{kw} s{int(attrs.strides[0])} "
+        f"out {oh}x{ow} float16: "
+    )  # named as the other schedules' decision lines name it
+    notes = (what + chosen.describe(), fields, str(chosen.macs))
     return bb.call_te(_conv_te, x, wt, (f, cg, kh, kw), attrs, groups, chosen.pack,
                       (tile.pixels, tile.row_blocks), notes,
                       primfunc_name_hint="conv2d_tensorcore")  # fmt: skip
-
-
-def _what(call, groups: int) -> str:
-    """The conv, as the other schedules' decision lines name it."""
-    (_, c_in, _, _), (f, _, kh, kw) = (tuple(int(d) for d in a.ty.shape) for a in call.args)
-    _, _, oh, ow = (int(d) for d in call.ty.shape)
-    stride = int(call.attrs.strides[0])
-    return f"grouped conv {c_in}->{f} g{groups} {kh}x{kw} s{stride} out {oh}x{ow} float16: "
 
 
 def _weights_te(w, groups: int, pack: int, row_blocks: int):
@@ -168,12 +164,11 @@ def schedule(func: tirx.PrimFunc) -> tuple[tirx.PrimFunc, str]:
     gemm = sch.get_sblock("gconv_tc_gemm")
     why = str(sch.get(gemm).annotations.get("gconv_plan", "tensor cores"))
     last = sch.get(_blocks(sch)[-1])
-    out_shape = [int(v) for v in last.writes[0].source.shape]
     depth = int(sch.get(gemm).reads[0].source.shape[-1])
     fields = str(sch.get(gemm).annotations["gconv_tile"]).split(",")
     macs = int(sch.get(gemm).annotations["gconv_macs"])
     tile = TensorCoreTile(*(int(v) for v in fields))
-    batch, channels, oh, ow = out_shape
+    _, _, oh, ow = (int(v) for v in last.writes[0].source.shape)
     final = _epilogue(sch, oh, ow)
     mma = gemm
     if tile.warps_k > 1:  # each warp sums a slice; the write-back block adds the slices
@@ -253,7 +248,7 @@ def _bind_threads(sch, loop, tile: TensorCoreTile) -> None:
 
 def _stage_inputs(sch, gemm, k_outer, k_frag, tile: TensorCoreTile) -> list:
     """Weights and the im2col tile to shared memory per stage (the gather inlined into the
-    copy), then to WMMA fragments per 16-deep step."""
+    copy), then to WMMA fragments: the weights' once per stage, the im2col's per 16-deep step."""
     weights = sch.cache_read(gemm, 0, "shared")
     columns = sch.cache_read(gemm, 1, "shared")
     for cache in (weights, columns):
