@@ -45,7 +45,7 @@ def test_residual_sum_and_relu_after_batch_norm_fuse_into_the_conv():
     (conv,) = conv_decisions(decisions)
     others = [d.line() for d in decisions if d is not conv]
     assert conv.function.endswith("_relu"), conv.function
-    # the conv's own BN arithmetic (subtract, multiply x2, add), then the residual add
+    # the batch norm folded into the weights (its bias add), then the residual add
     assert conv.function.count("add") == 2, conv.function
     assert not any("add" in line or "relu" in line for line in others), others
     out, ref = run_both(model, random_feeds(model, seed=22), vm)

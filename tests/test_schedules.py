@@ -235,8 +235,10 @@ def test_avx2_build_matches_onnxruntime(kwargs, kind):
 
 def test_batch_norm_lands_in_the_conv_epilogue_without_a_divide():
     """BN decomposed for inference, its constant divisor turned into a multiplier: one conv
-    function with the whole BN in its epilogue, no separate BN function, no vector divide."""
-    model = conv_model(16, 16, (8, 8), group=4, epilogue="bn")
+    function with the whole BN in its epilogue, no separate BN function, no vector divide
+    (weights passed as inputs: with constant weights the BN folds into them,
+    ``test_fold_batch_norm``)."""
+    model = conv_model(16, 16, (8, 8), group=4, epilogue="bn", weight_as_input=True)
     vm, decisions = compile_cpu(model)
     (conv,) = conv_decisions(decisions)
     assert "multiply" in conv.function and "divide" not in conv.function, conv.function

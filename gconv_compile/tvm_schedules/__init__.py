@@ -18,7 +18,8 @@ The whole Relax pipeline in one call (replaces ``relax_pipeline="default"``)::
 
 ``relax_pipeline`` runs, in this order, under ``with target``:
 
-1. ``legalize_and_fuse``: library dispatch, DecomposeOpsForInference (batch norm as
+1. ``legalize_and_fuse``: library dispatch, ``fold_batch_norm`` (batch norm after a conv
+   with constant weights folded into them), DecomposeOpsForInference (any other batch norm as
    elementwise arithmetic), LegalizeOps, AnnotateTIROpPattern, FoldConstant, FuseOps, FuseTIR
    (fusion is what puts bias / BN / activation / residual add into the conv);
 2. ``apply_database(mod, target, db_dir)`` when ``db_dir`` is given (no-op without records;
@@ -59,6 +60,7 @@ from tvm.target import Target
 
 from .cpu import host_target
 from .cuda_accumulate import accumulate_grouped_conv_in_float32
+from .fold_batch_norm import fold_batch_norm
 from .tuning import apply_database, kept_defaults, tune
 
 logger = logging.getLogger(__name__)
@@ -80,6 +82,8 @@ def legalize_and_fuse(target: Target) -> list:
 
     return [
         *relax.pipeline.library_dispatch_passes(target),
+        # batch norm after a conv with constant weights folded into them (fold_batch_norm)
+        fold_batch_norm,
         # batch_norm as its inference arithmetic (elementwise): FuseOps then puts it into the
         # conv's epilogue; legalised whole it is a separate 12-block function per BN (ShuffleNet
         # v1 ran 9x slower than onnxruntime that way)
