@@ -35,6 +35,7 @@ from gconv_compile.errors import tvm_message
 from gconv_compile.targets import host_llvm_target
 
 from ._conv import ConvInfo, find_conv, single_epilogue
+from .cpu_epilogue import schedule_epilogue, schedule_pad
 
 logger = logging.getLogger(__name__)
 
@@ -447,15 +448,16 @@ def schedule_conv(
         conv, lanes, registers, can_pack=can_pack, form=form, padded_width=padded_width
     )
     try:
-        packing = _apply(sch, conv, tile)
+        packing, epilogue_note = _apply(sch, conv, tile)
     except Exception as err:  # noqa: BLE001 - TVM raises many kinds; the conv stays unscheduled
         logger.debug("cpu conv schedule failed for %s: %s", conv.describe(), err)
         return None, "", f"{conv.describe()}: schedule failed ({tvm_message(err)})", None
     func = sch.mod["main"].with_attr("tirx.is_scheduled", True)
-    return func, f"cpu-{conv.kind}-conv", f"{conv.describe()}: {tile.describe()}", packing
+    detail = f"{conv.describe()}: {tile.describe()}{epilogue_note}"
+    return func, f"cpu-{conv.kind}-conv", detail, packing
 
 
-def _apply(sch: s_tir.Schedule, conv: ConvInfo, tile: CpuTile) -> Packing | None:
+def _apply(sch: s_tir.Schedule, conv: ConvInfo, tile: CpuTile) -> tuple[Packing | None, str]:
     block = conv.block
     if conv.pad_block is not None and conv.pad_is_identity:
         sch.compute_inline(conv.pad_block)
@@ -506,10 +508,10 @@ def _apply(sch: s_tir.Schedule, conv: ConvInfo, tile: CpuTile) -> Packing | None
         sch.vectorize(inner[-1])
     init = sch.decompose_reduction(block, rc)
     sch.vectorize(sch.get_loops(init)[-1])
-    _schedule_epilogue(sch, conv, tile, epilogue, anchor)
+    epilogue_note = schedule_epilogue(sch, conv, tile, epilogue, anchor)
     if conv.pad_block is not None and not conv.pad_is_identity:
-        _schedule_pad(sch, conv.pad_block, task)
-    return packing
+        schedule_pad(sch, conv.pad_block, task)
+    return packing, epilogue_note
 
 
 def _set_layouts(sch: s_tir.Schedule, conv: ConvInfo, tile: CpuTile, epilogue) -> Packing | None:
@@ -542,49 +544,6 @@ def _set_layouts(sch: s_tir.Schedule, conv: ConvInfo, tile: CpuTile, epilogue) -
         )
         packing = Packing(conv.weight_param, v)
     return packing
-
-
-def _schedule_epilogue(
-    sch: s_tir.Schedule, conv: ConvInfo, tile: CpuTile, epilogue, anchor
-) -> None:
-    """Compute the epilogue per tile, right after its accumulators, and vectorise its stores."""
-    sch.reverse_compute_at(epilogue, anchor, preserve_unit_loops=True)
-    e_all = sch.get_loops(epilogue)
-    at = next(i for i, lp in enumerate(e_all) if sch.get(lp).same_as(sch.get(anchor)))
-    e_loops = e_all[at + 1 :]
-    if conv.is_pointwise:
-        _, e_f, e_px = e_loops
-    else:
-        _, e_f, e_y, e_x = e_loops
-        e_px = sch.fuse(e_y, e_x) if tile.form == "pixel" else None
-    if tile.form == "pixel":
-        e_r, e_v = sch.split(e_px, [None, tile.vector])
-        sch.unroll(e_f)
-        sch.unroll(e_r)
-        sch.vectorize(e_v)
-    else:
-        # channel vectors in registers, NCHW output: scalar stores, fully unrolled so the
-        # accumulators stay in registers
-        for loop in [e_f, e_px] if conv.is_pointwise else [e_f, e_y, e_x]:
-            sch.unroll(loop)
-
-
-def _schedule_pad(sch: s_tir.Schedule, pad: s_tir.schedule.SBlockRV, task) -> None:
-    """Pad inside each parallel task (only the channels and rows it reads, hot in cache).
-
-    One conditional pass, not ``decompose_padding``'s zero fill of the whole panel plus a copy:
-    the fill writes every element twice, which cost strided convs (whose panels are 4x their
-    output) 2-7% of their time on an AVX-512 Zen 4, and stride-1 convs nothing measurable (and
-    depthwise convs on the AVX-512 EPYC of issue #14, one thread: 6-120% slower on each of
-    MobileNetV2's depthwise shapes tried).
-    """
-    try:
-        sch.compute_at(pad, task, preserve_unit_loops=True)
-    except Exception:  # noqa: BLE001 - keep the plain pad at the root: slower, still correct
-        logger.debug("pad not moved into the conv tasks", exc_info=True)
-        loops = sch.get_loops(pad)
-        if not any(sch.get(lp).same_as(sch.get(task)) for lp in loops):
-            sch.parallel(sch.fuse(*loops[:2]))
 
 
 def schedule_fallback(func: tirx.PrimFunc, target: Target) -> tuple[tirx.PrimFunc | None, str]:
