@@ -265,15 +265,15 @@ def schedule_module(
                 continue
             if new is not None:
                 updates[gv] = new
-                if packing is not None:
-                    names = [str(p.name) for p in func.params]
-                    packings[name] = (names.index(packing.param), packing)
-                    why += f"; weight {packing.param} packed into {packing.vector}-channel vectors"
+                why += _record_packing(packings, name, func, packing)
                 decisions.append(Decision(name, form_done, why))
                 continue
-            fallback, why_fb = backend.schedule_fallback(func, target)
+            fallback, why_fb, packing = backend.schedule_fallback(
+                func, target, constant_params=const_params
+            )
             if fallback is not None:
                 updates[gv] = fallback
+                why_fb += _record_packing(packings, name, func, packing)
                 decisions.append(Decision(name, f"{kind}-fallback", f"{why}; {why_fb}"))
             elif kind == "cuda":
                 decisions.append(Decision(name, "dlight", why))
@@ -327,6 +327,15 @@ def _constant_params(func: tirx.PrimFunc, sites: list) -> frozenset[str]:
         names[i] for i in range(len(names))
         if all(i < len(args) and isinstance(args[i], tvm.ir.expr.Constant) for args in sites)
     )  # fmt: skip
+
+
+def _record_packing(packings: dict, name: str, func: tirx.PrimFunc, packing) -> str:
+    """Note a schedule's weight packing for ``_pack_constants``; the decision line's words."""
+    if packing is None:
+        return ""
+    names = [str(p.name) for p in func.params]
+    packings[name] = (names.index(packing.param), packing)
+    return f"; {packing.describe()}"
 
 
 def _pack_constants(mod: tvm.IRModule, packings: dict) -> tvm.IRModule:

@@ -414,6 +414,9 @@ class Packing:
         v = self.vector
         return weight.reshape(o // v, v, i, h, w).transpose(0, 2, 3, 4, 1).copy()
 
+    def describe(self) -> str:
+        return f"weight {self.param} packed into {self.vector}-channel vectors"
+
 
 def schedule_conv(
     func: tirx.PrimFunc,
@@ -546,13 +549,16 @@ def _set_layouts(sch: s_tir.Schedule, conv: ConvInfo, tile: CpuTile, epilogue) -
     return packing
 
 
-def schedule_fallback(func: tirx.PrimFunc, target: Target) -> tuple[tirx.PrimFunc | None, str]:
-    """Schedule what is not a conv: the classifier's matmul, else pooling, elementwise chains
-    and small reductions (``cpu_fallback``)."""
+def schedule_fallback(
+    func: tirx.PrimFunc, target: Target, *, constant_params: frozenset[str] = frozenset()
+) -> tuple[tirx.PrimFunc | None, str, object | None]:
+    """Schedule what is not a conv: the classifier's matmul (its constant weight repacked,
+    ``cpu_matmul.MatmulPacking``), else pooling, elementwise chains and small reductions
+    (``cpu_fallback``). Returns (function or None, what was done, weight packing or None)."""
     from .cpu_fallback import schedule_loops
     from .cpu_matmul import schedule_matmul
 
-    matmul, why = schedule_matmul(func, vector_lanes(target)[0])
+    matmul, why, packing = schedule_matmul(func, vector_lanes(target)[0], constant_params)
     if matmul is not None:
-        return matmul, why
-    return schedule_loops(func)
+        return matmul, why, packing
+    return (*schedule_loops(func), None)

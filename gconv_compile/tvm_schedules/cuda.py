@@ -81,9 +81,11 @@ def schedule_conv(
     return func, form_name, f"{conv.describe()}: {why}; {tile.describe()}", None
 
 
-def schedule_fallback(func: tirx.PrimFunc, target: Target) -> tuple[None, str]:
+def schedule_fallback(
+    func: tirx.PrimFunc, target: Target, *, constant_params: frozenset[str] = frozenset()
+) -> tuple[None, str, None]:
     """Nothing: dlight's default rules schedule the other GPU functions."""
-    return None, "left to dlight"
+    return None, "left to dlight", None
 
 
 def _apply(sch: s_tir.Schedule, conv: ConvInfo, tile: CudaTile) -> None:

@@ -347,7 +347,7 @@ def _default_module(task_mod: tvm.IRModule, target: Target) -> tvm.IRModule:
     with target:
         new, _, _, _ = schedule_conv(func, target, constant_params=weights)
         if new is None:
-            new, _ = schedule_fallback(func, target)
+            new, _, _ = schedule_fallback(func, target, constant_params=weights)
     return tvm.IRModule({"main": new if new is not None else func})
 
 
