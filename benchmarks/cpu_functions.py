@@ -36,6 +36,24 @@ def _model(name: str):
     return build_resnext50("grouped")
 
 
+def scheduled_module(model: str, mcpu: str | None):
+    """``model`` through ``compile``'s pipeline up to our schedules: (target, module, each
+    function's schedule detail, each function's call sites)."""
+    import tvm
+    from tvm.relax.frontend.onnx import from_onnx
+
+    from gconv_compile import tvm_schedules
+    from gconv_compile.targets import host_llvm_target
+    from gconv_compile.tvm_schedules import _call_sites
+
+    target = tvm.target.Target(host_llvm_target(mcpu))
+    mod = from_onnx(_model(model), keep_params_in_input=False)
+    with target:
+        mod = tvm.transform.Sequential(tvm_schedules.legalize_and_fuse(target))(mod)
+        mod, decisions = tvm_schedules.schedule_module(mod, target)
+    return target, mod, {d.function: d.detail for d in decisions}, _call_sites(mod)
+
+
 def _time_us(func, target) -> float:
     import numpy as np
     import tvm
@@ -60,22 +78,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top", type=int, default=40)
     args = parser.parse_args(argv)
     os.environ["TVM_NUM_THREADS"] = str(args.threads)
-    import tvm
     from kernel_timing import machine_line
     from tvm import tirx
-    from tvm.relax.frontend.onnx import from_onnx
 
-    from gconv_compile import tvm_schedules
-    from gconv_compile.targets import host_llvm_target
-    from gconv_compile.tvm_schedules import _call_sites
-
-    target = tvm.target.Target(host_llvm_target(args.mcpu))
-    mod = from_onnx(_model(args.model), keep_params_in_input=False)
-    with target:
-        mod = tvm.transform.Sequential(tvm_schedules.legalize_and_fuse(target))(mod)
-        mod, decisions = tvm_schedules.schedule_module(mod, target)
-    details = {d.function: d.detail for d in decisions}
-    calls = _call_sites(mod)
+    target, mod, details, calls = scheduled_module(args.model, args.mcpu)
     rows = []
     for gv, func in mod.functions_items():
         name = str(gv.name_hint)

@@ -60,22 +60,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mcpu", default=None, help="llvm CPU (default: this machine's)")
     args = parser.parse_args(argv)
     os.environ.setdefault("TVM_NUM_THREADS", str(len(os.sched_getaffinity(0))))
-    import tvm
-    from cpu_functions import _model, _time_us
+    from cpu_functions import _time_us, scheduled_module
     from kernel_timing import machine_line
-    from tvm.relax.frontend.onnx import from_onnx
 
-    from gconv_compile import tvm_schedules
-    from gconv_compile.targets import host_llvm_target
-    from gconv_compile.tvm_schedules import _call_sites
-
-    target = tvm.target.Target(host_llvm_target(args.mcpu))
-    mod = from_onnx(_model(args.model), keep_params_in_input=False)
-    with target:
-        mod = tvm.transform.Sequential(tvm_schedules.legalize_and_fuse(target))(mod)
-        mod, decisions = tvm_schedules.schedule_module(mod, target)
-    details = {d.function: d.detail for d in decisions}
-    calls = _call_sites(mod)
+    target, mod, details, calls = scheduled_module(args.model, args.mcpu)
     print(machine_line())
     print(f"{args.model}, -mcpu={target.attrs['mcpu']}, {os.environ['TVM_NUM_THREADS']} threads")
     print(f"{'NCHW us':>8} {'NCHWc us':>8} {'ratio':>5} {'calls':>5}  function: schedule")
