@@ -36,9 +36,9 @@ def _model(name: str):
     return build_resnext50("grouped")
 
 
-def scheduled_module(model: str, mcpu: str | None):
-    """``model`` through ``compile``'s pipeline up to our schedules: (target, module, each
-    function's schedule detail, each function's call sites)."""
+def scheduled_module(model, mcpu: str | None):
+    """``model`` (a name above or an ``onnx.ModelProto``) through ``compile``'s pipeline up to
+    our schedules: (target, module, each function's schedule detail, its call sites)."""
     import tvm
     from tvm.relax.frontend.onnx import from_onnx
 
@@ -47,7 +47,7 @@ def scheduled_module(model: str, mcpu: str | None):
     from gconv_compile.tvm_schedules import _call_sites
 
     target = tvm.target.Target(host_llvm_target(mcpu))
-    mod = from_onnx(_model(model), keep_params_in_input=False)
+    mod = from_onnx(_model(model) if isinstance(model, str) else model, keep_params_in_input=False)
     with target:
         mod = tvm.transform.Sequential(tvm_schedules.legalize_and_fuse(target))(mod)
         mod, decisions = tvm_schedules.schedule_module(mod, target)
