@@ -61,3 +61,45 @@ def test_blocked_variant_computes_the_same_outputs(kwargs):
     n, c, h, w = out.shape
     want = out.reshape(n, c // vector, vector, h, w).transpose(0, 1, 3, 4, 2)
     np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("channels", "size", "stride"),
+    [(32, (7, 7), 1), (48, (14, 14), 1), (32, (14, 14), 2), (16, (9, 11), 1)],
+    ids=["7x7", "14x14", "14x14-s2", "odd-9x11"],
+)
+def test_depthwise_on_channel_vectors_computes_the_same_outputs(channels, size, stride):
+    import tvm
+    from nchwc_depthwise import schedule
+    from tvm.relax.frontend.onnx import from_onnx
+    from tvm.s_tir.meta_schedule.arg_info import ArgInfo
+
+    from gconv_compile import tvm_schedules
+
+    model = conv_model(channels, channels, size, group=channels, stride=stride, seed=83)
+    target = tvm.target.Target(tvm_schedules.host_target())
+    with target:
+        fused = from_onnx(model, keep_params_in_input=False)
+        fused = tvm.transform.Sequential(tvm_schedules.legalize_and_fuse(target))(fused)
+    (name,) = [
+        str(gv.name_hint) for gv, f in fused.functions_items() if "conv2d" in str(gv.name_hint)
+    ]
+    func, v = fused[name], 16
+    blocked = schedule(func, v)
+    rng = np.random.default_rng(84)
+    args = [rng.standard_normal([int(d) for d in i.shape]).astype(i.dtype)
+            for i in ArgInfo.from_prim_func(func)]  # fmt: skip
+    out = _run(func, target, args)
+
+    def block(a, shape):
+        if list(a.shape) == shape:  # bias (1, C, 1, 1) and scalars keep theirs
+            return a
+        if a.shape[1] == 1 and a.shape[0] == channels:  # weight (C, 1, kh, kw)
+            c, i, kh, kw = a.shape
+            return a.reshape(c // v, v, i, kh, kw).transpose(0, 2, 3, 4, 1).copy()
+        n, c, h, w = a.shape
+        return a.reshape(n, c // v, v, h, w).transpose(0, 1, 3, 4, 2).copy()
+
+    shapes = [[int(d) for d in i.shape] for i in ArgInfo.from_prim_func(blocked)]
+    got = _run(blocked, target, [block(a, s) for a, s in zip(args, shapes, strict=True)])
+    np.testing.assert_allclose(got, block(out, None), rtol=1e-5, atol=1e-5)
