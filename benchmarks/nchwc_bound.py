@@ -63,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     from cpu_functions import _time_us, scheduled_module
     from kernel_timing import machine_line
 
+    os.environ["GCONV_NCHWC"] = "0"  # the NCHW builds (compile's islands already block some)
     target, mod, details, calls = scheduled_module(args.model, args.mcpu)
     print(machine_line())
     print(f"{args.model}, -mcpu={target.attrs['mcpu']}, {os.environ['TVM_NUM_THREADS']} threads")

@@ -1,5 +1,6 @@
 """``benchmarks/nchwc_bound.py``: its NCHW{v}c variant of a channel-form conv computes the same
-values, re-laid out, as the function ``compile`` builds (else its times bound nothing)."""
+values, re-laid out, as the function ``compile`` builds (else its times bound nothing); and
+``cpu_nchwc.schedule_depthwise`` alone, on shapes the models do not have."""
 
 from __future__ import annotations
 
@@ -70,11 +71,11 @@ def test_blocked_variant_computes_the_same_outputs(kwargs):
 )
 def test_depthwise_on_channel_vectors_computes_the_same_outputs(channels, size, stride):
     import tvm
-    from nchwc_depthwise import schedule
     from tvm.relax.frontend.onnx import from_onnx
     from tvm.s_tir.meta_schedule.arg_info import ArgInfo
 
     from gconv_compile import tvm_schedules
+    from gconv_compile.tvm_schedules.cpu_nchwc import schedule_depthwise as schedule
 
     model = conv_model(channels, channels, size, group=channels, stride=stride, seed=83)
     target = tvm.target.Target(tvm_schedules.host_target())

@@ -38,7 +38,9 @@ The whole Relax pipeline in one call (replaces ``relax_pipeline="default"``)::
   scheduled; the other functions get their outer loops parallelised. A conv whose weights are
   constants may get them repacked (output-channel vectors): the constants in the Relax main
   function are replaced by packed copies, so the compiled library's interface does not change.
-  Weights bound as parameters (``keep_params_in_input``) are never repacked.
+  Weights bound as parameters (``keep_params_in_input``) are never repacked. Inside inverted
+  residual blocks the two inner tensors may run NCHW{v}c (``cpu_nchwc``; ``GCONV_NCHWC=0``
+  turns it off); the functions' signatures change, the library's interface does not.
 - On cuda grouped and depthwise convs get shared-memory schedules; dense convs and the rest
   are left to dlight (Matmul rule; tensor cores in float16).
 - The vector width follows the target's ``mcpu`` (LLVM's CPU tables); any llvm target works,
@@ -279,10 +281,13 @@ def schedule_module(
                 decisions.append(Decision(name, "dlight", why))
             else:
                 decisions.append(Decision(name, "none", f"{why}; {why_fb}"))
+    original = mod
     if updates:
         mod = tvm.IRModule(dict(mod.functions_items()), attrs=mod.attrs)
         for gv, func in updates.items():
             mod[gv] = func
+    if kind == "llvm" and form is None and _nchwc_enabled():
+        mod = _nchwc_islands(mod, original, target, decisions, calls, packings)
     if packings:
         mod = _pack_constants(mod, packings)
     for d in decisions:
@@ -327,6 +332,27 @@ def _constant_params(func: tirx.PrimFunc, sites: list) -> frozenset[str]:
         names[i] for i in range(len(names))
         if all(i < len(args) and isinstance(args[i], tvm.ir.expr.Constant) for args in sites)
     )  # fmt: skip
+
+
+def _nchwc_islands(mod, original, target, decisions, calls, packings) -> tvm.IRModule:
+    """``cpu_nchwc``'s islands; the depthwise convs' weight packings go into ``packings``."""
+    from .cpu_nchwc import apply_islands
+
+    mod, packed = apply_islands(
+        mod, original, target, decisions,
+        lambda name: _constant_params(original[name], calls.get(name, [])),
+    )  # fmt: skip
+    by_name = {d.function: d for d in decisions}
+    for name, (func, packing) in packed.items():
+        by_name[name].detail += _record_packing(packings, name, func, packing)
+    return mod
+
+
+def _nchwc_enabled() -> bool:
+    """NCHWc islands (``cpu_nchwc``) unless ``GCONV_NCHWC=0``."""
+    import os
+
+    return os.environ.get("GCONV_NCHWC", "1") != "0"
 
 
 def _record_packing(packings: dict, name: str, func: tirx.PrimFunc, packing) -> str:
