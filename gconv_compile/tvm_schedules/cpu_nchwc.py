@@ -126,6 +126,15 @@ def relayout_param(func: tirx.PrimFunc, param: int, vector: int) -> tirx.PrimFun
     return sch.mod["main"]
 
 
+def _can_expand(detail: str, channel: str) -> bool:
+    """An island's expand conv: in the channel form already, or a dense 1x1 conv in the pixel
+    form (28x28 and larger maps), which an island reschedules in the channel form: its stores
+    are whole vectors there."""
+    if channel in detail:
+        return True
+    return detail.startswith("dense conv") and " 1x1 s1 " in detail and "pixel form" in detail
+
+
 @dataclass
 class Island:
     """One block: the vars of the two tensors that change layout and the calls around them."""
@@ -164,8 +173,8 @@ def find_islands(main: relax.Function, decisions: dict[str, str], lanes: int) ->
             if dw_name is None or "depthwise conv" not in decisions.get(dw_name, "") or not dw_args:
                 continue
             exp_name, _ = call(dw_args[0])
-            if channel not in decisions.get(name, "") or channel not in decisions.get(
-                exp_name or "", ""
+            if channel not in decisions.get(name, "") or not _can_expand(
+                decisions.get(exp_name or "", ""), channel
             ):
                 continue
             if uses.get(arg, 0) != 1 or uses.get(dw_args[0], 0) != 1:
@@ -208,8 +217,9 @@ def apply_islands(mod: tvm.IRModule, original: tvm.IRModule, target, decisions: 
         return mod, {}
     try:
         new, notes, dw_packings = _transform(
-            mod, original, islands, lanes, registers, constant_params
-        )
+            mod, original, islands, lanes, registers, constant_params,
+            {k: d.detail for k, d in details.items()}, target,
+        )  # fmt: skip
         retyped = _retype(mod, new, islands, lanes)
     except Exception as err:  # noqa: BLE001 - TVM raises many kinds; the blocks stay NCHW
         logger.debug("NCHWc islands not applied: %s", err)
@@ -224,7 +234,18 @@ def apply_islands(mod: tvm.IRModule, original: tvm.IRModule, target, decisions: 
     return retyped, packed
 
 
-def _transform(mod, original, islands, lanes, registers, constant_params):
+def _channel_form(func, target, constants, lanes):
+    """``func`` scheduled in the channel form: (function, its decision detail, its packing)."""
+    from .cpu import schedule_conv
+
+    scheduled, _, detail, packing = schedule_conv(func, target, constant_params=constants,
+                                                  form="channel")  # fmt: skip
+    if scheduled is None or f"channel form: {lanes}-wide" not in detail or packing is None:
+        raise ValueError(f"no {lanes}-wide channel form: {detail}")
+    return scheduled, detail, packing
+
+
+def _transform(mod, original, islands, lanes, registers, constant_params, details, target):
     from .cpu import Packing
 
     new, notes, dw_packings = {}, {}, {}
@@ -246,9 +267,13 @@ def _transform(mod, original, islands, lanes, registers, constant_params):
                 f"({rows} row x {cols} col)"
             )
         if island.expand not in new:
-            func = mod[island.expand]
+            func, note = mod[island.expand], ""
+            if f"channel form: {lanes}-wide" not in details[island.expand]:
+                func, note, packing = _channel_form(original[island.expand], target,
+                                                    constant_params(island.expand), lanes)  # fmt: skip
+                dw_packings[island.expand] = packing
             new[island.expand] = relayout_param(func, len(func.params) - 1, lanes)
-            notes[island.expand] = f"; output NCHW{lanes}c (whole-vector stores)"
+            notes[island.expand] = f"{note}; output NCHW{lanes}c (whole-vector stores)"
         if island.project not in new:
             new[island.project] = relayout_param(mod[island.project], island.project_input, lanes)
             notes[island.project] = f"; input NCHW{lanes}c"
