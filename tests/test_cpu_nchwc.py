@@ -104,7 +104,7 @@ def test_inverted_residual_blocks_run_nchwc_inside(kwargs, mcpu, v):
 
 @pytest.mark.parametrize(
     "kwargs",
-    [dict(extra_user=True), dict(weights_as_inputs=True), dict(batch="N")],
+    [dict(extra_user=True, blocks=1), dict(weights_as_inputs=True), dict(batch="N")],
     ids=["expand-output-has-another-user", "weights-as-inputs", "symbolic-batch"],
 )
 def test_blocks_that_cannot_change_layout_stay_nchw(kwargs):
@@ -137,4 +137,20 @@ def test_a_pixel_form_expand_conv_is_rescheduled_in_the_channel_form(monkeypatch
     (expand,) = [d for d in decisions if d.function in expand_name]
     assert "channel form" in expand.detail and "output NCHW" in expand.detail, expand.line()
     out, ref = run_both(model, random_feeds(model, seed=95), vm)
+    assert_close(out, ref, F32)
+
+
+def test_functions_shared_with_a_block_that_stays_nchw_are_cloned():
+    """Two same-shape blocks share their 1x1 convs; the first cannot change layout (its expand
+    output has a second user), so the second block's call sites get NCHW16c clones and the
+    first keeps the NCHW functions."""
+    model = inverted_residual(extra_user=True, blocks=2)
+    vm, decisions = compile_cpu(model)
+    clones = [d for d in decisions if d.function.endswith(("_nchw16c", "_nchw8c"))]
+    assert len(clones) == 2, [d.line() for d in decisions]  # expand and project
+    assert len(_island_roles(clones, 16) + _island_roles(clones, 8)) == 2
+    originals = {d.function[: d.function.rindex("_nchw")] for d in clones}
+    plain = [d for d in decisions if d.function in originals]
+    assert len(plain) == 2 and not _island_roles(plain, 16) and not _island_roles(plain, 8)
+    out, ref = run_both(model, random_feeds(model, seed=96), vm)
     assert_close(out, ref, F32)

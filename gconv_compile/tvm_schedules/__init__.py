@@ -338,13 +338,16 @@ def _nchwc_islands(mod, original, target, decisions, calls, packings) -> tvm.IRM
     """``cpu_nchwc``'s islands; the depthwise convs' weight packings go into ``packings``."""
     from .cpu_nchwc import apply_islands
 
-    mod, packed = apply_islands(
+    mod, packed, clones = apply_islands(
         mod, original, target, decisions,
         lambda name: _constant_params(original[name], calls.get(name, [])),
     )  # fmt: skip
     by_name = {d.function: d for d in decisions}
     for name, (func, packing) in packed.items():
         by_name[name].detail += _record_packing(packings, name, func, packing)
+    for clone, name in clones.items():
+        if clone not in packings and name in packings:
+            packings[clone] = packings[name]
     return mod
 
 

@@ -17,6 +17,7 @@ stores 949 -> 847 us.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 from dataclasses import dataclass
@@ -143,11 +144,14 @@ class Island:
     depthwise: str
     project: str
     project_input: int  # the project function's parameter fed by the depthwise output
-    inner: tuple  # the two relax Vars (expand output, depthwise output)
+    calls: tuple  # the three relax Calls (expand, depthwise, project)
 
 
-def find_islands(main: relax.Function, decisions: dict[str, str], lanes: int) -> list[Island]:
-    """The expand -> depthwise -> project chains of ``main`` that can run NCHW{lanes}c."""
+def find_islands(
+    main: relax.Function, decisions: dict[str, str], lanes: int
+) -> tuple[list[Island], set[str]]:
+    """The expand -> depthwise -> project chains of ``main`` that can run NCHW{lanes}c, and the
+    names of their functions that are also called outside them."""
     values = dict(relax.analysis.get_var2val(main))
     counter = _Uses()
     counter.visit_expr(main)
@@ -179,22 +183,24 @@ def find_islands(main: relax.Function, decisions: dict[str, str], lanes: int) ->
                 continue
             if uses.get(arg, 0) != 1 or uses.get(dw_args[0], 0) != 1:
                 continue
-            islands.append(Island(exp_name, dw_name, name, position, (dw_args[0], arg)))
-    # every call site of each function must be in an island, in the same role
+            calls = (values[dw_args[0]], values[arg], value)
+            islands.append(Island(exp_name, dw_name, name, position, calls))
+    # a function takes one role in every island it is in; one also called outside islands is
+    # cloned for its island call sites
     roles: dict[str, set] = {}
-    for island in islands:
-        for role in ("expand", "depthwise", "project"):
-            roles.setdefault(getattr(island, role), set()).add(role)
     counts: dict[str, int] = {}
     for island in islands:
         for role in ("expand", "depthwise", "project"):
+            roles.setdefault(getattr(island, role), set()).add(role)
             counts[getattr(island, role)] = counts.get(getattr(island, role), 0) + 1
-    ok = {n for n, r in roles.items() if len(r) == 1 and counts[n] == sites.get(n, 0)}
-    return [i for i in islands if {i.expand, i.depthwise, i.project} <= ok]
+    ok = {n for n, r in roles.items() if len(r) == 1}
+    islands = [i for i in islands if {i.expand, i.depthwise, i.project} <= ok]
+    partial = {n for n in ok if counts[n] < sites.get(n, 0)}
+    return islands, partial
 
 
 def apply_islands(mod: tvm.IRModule, original: tvm.IRModule, target, decisions: list,
-                  constant_params) -> tuple[tvm.IRModule, dict]:  # fmt: skip
+                  constant_params) -> tuple[tvm.IRModule, dict, dict]:  # fmt: skip
     """Re-lay out the islands of ``mod`` (scheduled; ``original``: before our schedules).
 
     ``constant_params(name)``: the parameters every call of function ``name`` passes as
@@ -202,8 +208,9 @@ def apply_islands(mod: tvm.IRModule, original: tvm.IRModule, target, decisions: 
     returned unchanged. The decision lines of the functions involved say what changed.
 
     Returns:
-        (module, {depthwise function name: (its new PrimFunc, its weight's cpu.Packing)}) for the
-        caller to record (``_pack_constants``).
+        (module, {function name: (its new PrimFunc, its weight's cpu.Packing)} for the
+        rescheduled functions, {clone name: original name}): the caller records the packings
+        (``_pack_constants``), a clone keeping its original's where it has no new one.
     """
     from .cpu import vector_lanes
 
@@ -211,27 +218,34 @@ def apply_islands(mod: tvm.IRModule, original: tvm.IRModule, target, decisions: 
     details = {d.function: d for d in decisions}
     mains = [gv for gv, f in mod.functions_items() if isinstance(f, relax.Function)]
     if len(mains) != 1:
-        return mod, {}
-    islands = find_islands(mod[mains[0]], {k: d.detail for k, d in details.items()}, lanes)
+        return mod, {}, {}
+    islands, partial = find_islands(mod[mains[0]], {k: d.detail for k, d in details.items()}, lanes)
     if not islands:
-        return mod, {}
+        return mod, {}, {}
+    names = {n: f"{n}_nchw{lanes}c" if n in partial else n for i in islands
+             for n in (i.expand, i.depthwise, i.project)}  # fmt: skip
     try:
         new, notes, dw_packings = _transform(
             mod, original, islands, lanes, registers, constant_params,
             {k: d.detail for k, d in details.items()}, target,
         )  # fmt: skip
-        retyped = _retype(mod, new, islands, lanes)
+        retyped = _retype(mod, {names[n]: f for n, f in new.items()}, islands, names, lanes)
     except Exception as err:  # noqa: BLE001 - TVM raises many kinds; the blocks stay NCHW
         logger.debug("NCHWc islands not applied: %s", err)
-        return mod, {}
+        return mod, {}, {}
     for name in new:
-        decision = details[name]
+        if name in partial:  # a clone for the island call sites: a decision of its own
+            decision = dataclasses.replace(details[name], function=names[name])
+            decisions.append(decision)
+        else:
+            decision = details[name]
         if name in dw_packings:  # a new schedule: its own line
             decision.detail = notes[name]
         else:
             decision.detail += notes[name]
-    packed = {name: (new[name], packing) for name, packing in dw_packings.items()}
-    return retyped, packed
+    packed = {names[n]: (new[n], packing) for n, packing in dw_packings.items()}
+    clones = {names[n]: n for n in new if n in partial}
+    return retyped, packed, clones
 
 
 def _channel_form(func, target, constants, lanes):
@@ -280,31 +294,33 @@ def _transform(mod, original, islands, lanes, registers, constant_params, detail
     return new, notes, dw_packings
 
 
-def _retype(mod: tvm.IRModule, new: dict, islands: list, lanes: int) -> tvm.IRModule:
-    """``mod`` with the new functions under fresh GlobalVars and the island tensors' calls
-    returning their blocked shapes."""
+def _retype(mod: tvm.IRModule, new: dict, islands: list, names: dict, lanes: int) -> tvm.IRModule:  # fmt: skip
+    """``mod`` with the new functions (by final name: a clone's is new) under fresh GlobalVars,
+    the islands' calls redirected to them and the island tensors' calls returning their
+    blocked shapes."""
     fresh, funcs = {}, {}
     for gv, func in mod.functions_items():
-        name = str(gv.name_hint)
-        if name in new:
-            fresh[name] = tvm.ir.GlobalVar(name)
-            relax.expr._update_type(fresh[name], new[name].ty)
-            funcs[fresh[name]] = new[name]
-        else:
+        if str(gv.name_hint) not in new:
             funcs[gv] = func
-    blocked_outputs = {i.expand for i in islands} | {i.depthwise for i in islands}
+    for name, func in new.items():
+        fresh[name] = tvm.ir.GlobalVar(name)
+        relax.expr._update_type(fresh[name], func.ty)
+        funcs[fresh[name]] = func
+    sites = []  # (original Call, new function name, returns a blocked tensor)
+    for island in islands:
+        for role, call in zip(("expand", "depthwise", "project"), island.calls, strict=True):
+            sites.append((call, names[getattr(island, role)], role != "project"))
 
     @relax.expr_functor.mutator
     class _Retyper(relax.PyExprMutator):
         def visit_call_(self, call):  # noqa: N802 - TVM's visitor naming
+            site = next((x for x in sites if x[0].same_as(call)), None)
+            name, is_blocked = (site[1], site[2]) if site else (None, False)
             call = super().visit_call_(call)
-            if not (isinstance(call, relax.Call) and call.op.same_as(_call_tir_op())):
-                return call
-            name = str(call.args[0].name_hint)
-            if name not in new:
+            if name is None:
                 return call
             ty_args = call.ty_args
-            if name in blocked_outputs:
+            if is_blocked:
                 (out,) = ty_args
                 n, c, h, w = (int(d) for d in out.shape.values)
                 ty_args = [relax.TensorType([n, c // lanes, h, w, lanes], out.dtype)]
