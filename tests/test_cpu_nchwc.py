@@ -154,3 +154,25 @@ def test_functions_shared_with_a_block_that_stays_nchw_are_cloned():
     assert len(plain) == 2 and not _island_roles(plain, 16) and not _island_roles(plain, 8)
     out, ref = run_both(model, random_feeds(model, seed=96), vm)
     assert_close(out, ref, F32)
+
+
+def test_compile_and_verify_cli_with_islands(tmp_path, capsys):
+    """``gconv-compile compile --target llvm`` then ``verify``: the console and the report name
+    the NCHW16c (or NCHW8c) functions, and the library matches onnxruntime."""
+    import json
+
+    import onnx
+
+    from gconv_compile import cli
+
+    model = inverted_residual(size=14)
+    path, lib, report = tmp_path / "m.onnx", tmp_path / "m.so", tmp_path / "r.json"
+    onnx.save(model, path)
+    code = cli.main(["compile", str(path), "--target", "llvm", "-o", str(lib),
+                     "--report", str(report)])  # fmt: skip
+    printed = capsys.readouterr()
+    assert code == 0, printed.err
+    assert "channel-vector form (input and output)" in printed.out, printed.out
+    details = [s["detail"] for s in json.loads(report.read_text())["schedules"]]
+    assert any("output NCHW" in d for d in details) and any("input NCHW" in d for d in details)
+    assert cli.main(["verify", str(path), "--lib", str(lib)]) == 0, capsys.readouterr().out
