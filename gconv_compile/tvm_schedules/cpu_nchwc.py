@@ -8,9 +8,10 @@ tensors inside the block change layout to ``(n, c / v, h, w, v)`` (``v`` = the v
   stride 2, its padded panel copied a vector at a time, weights repacked ``(C/v, 1, kh, kw, v)``;
 - the project conv reads its input as a broadcast either way.
 
-The block's input and output stay NCHW, so no layout transform is added anywhere. Every call
-site of the three functions must be such a block (a function has one signature); otherwise the
-block keeps NCHW. Measured alone (``benchmarks/nchwc_depthwise.py``, ``nchwc_bound.py``, 2
+The block's input and output stay NCHW, so no layout transform is added anywhere. A function
+also called outside islands (a function has one signature) gets a clone, ``<name>_nchw{v}c``,
+for its island call sites; weights must be constants and shapes static, else the block keeps
+NCHW. Measured alone (``benchmarks/nchwc_depthwise.py``, ``nchwc_bound.py``, 2
 threads, AVX-512 EPYC): MobileNetV2's depthwise convs 448 -> 279 us, the channel-form convs'
 stores 949 -> 847 us.
 """
@@ -26,7 +27,7 @@ import tvm
 from tvm import relax, s_tir, tirx
 
 from ._conv import find_conv, single_epilogue
-from .fold_batch_norm import _Uses
+from .fold_batch_norm import VarUses
 
 logger = logging.getLogger(__name__)
 
@@ -153,7 +154,7 @@ def find_islands(
     """The expand -> depthwise -> project chains of ``main`` that can run NCHW{lanes}c, and the
     names of their functions that are also called outside them."""
     values = dict(relax.analysis.get_var2val(main))
-    counter = _Uses()
+    counter = VarUses()
     counter.visit_expr(main)
     uses = counter.counts
 

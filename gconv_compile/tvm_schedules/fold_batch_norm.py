@@ -46,7 +46,7 @@ def _is_call(expr, name: str) -> bool:
 
 
 @relax.expr_functor.visitor
-class _Uses(relax.PyExprVisitor):
+class VarUses(relax.PyExprVisitor):
     """How many times each variable is used (bindings not counted)."""
 
     def __init__(self) -> None:
@@ -148,7 +148,7 @@ def fold_batch_norm(mod: tvm.IRModule, _ctx) -> tvm.IRModule:
     folder = _Folder(mod)
     for gv, func in list(mod.functions_items()):
         if isinstance(func, relax.Function):
-            counter = _Uses()
+            counter = VarUses()
             counter.visit_expr(func)
             folder.uses = counter.counts
             folder.values = dict(relax.analysis.get_var2val(func))
