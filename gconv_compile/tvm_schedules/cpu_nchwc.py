@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import re
 from dataclasses import dataclass
 
 import tvm
@@ -104,28 +103,20 @@ def schedule_depthwise(func: tirx.PrimFunc, vector: int, registers: int = 32) ->
     return sch.mod["main"].with_attr("tirx.is_scheduled", True)
 
 
-def _blocks_touching(func: tirx.PrimFunc, buffer_name: str, write: bool) -> list[tuple[str, int]]:
-    """(block name, index in its reads/writes) of the blocks reading/writing ``buffer_name``."""
-    sch = s_tir.Schedule(func)
-    found = []
-    for name in dict.fromkeys(re.findall(r'T.sblock\("([^"]+)"\)', func.script())):
-        block = sch.get(sch.get_sblock(name))
-        regions = block.writes if write else block.reads
-        for i, region in enumerate(regions):
-            if str(region.source.name) == buffer_name:
-                found.append((name, i))
-    return found
-
-
 def relayout_param(func: tirx.PrimFunc, param: int, vector: int) -> tirx.PrimFunc:
-    """``func`` (scheduled) with its ``param``-th parameter blocked NCHW{vector}c."""
+    """``func`` (scheduled) with its ``param``-th parameter blocked NCHW{vector}c: the layout
+    change goes through the first block that writes (the output, the last parameter) or reads
+    it, and applies to every access of that buffer."""
     name = str(func.params[param].name)
     sch = s_tir.Schedule(func)
-    write = param == len(func.params) - 1
-    (block, index), *_ = _blocks_touching(func, name, write)
-    sch.transform_layout(sch.get_sblock(block), ("write" if write else "read", index),
-                         _blocked(vector))  # fmt: skip
-    return sch.mod["main"]
+    kind = "write" if param == len(func.params) - 1 else "read"
+    for block in sch.get_child_blocks(sch.get_sblock("root")):
+        regions = getattr(sch.get(block), f"{kind}s")
+        index = next((i for i, r in enumerate(regions) if str(r.source.name) == name), None)
+        if index is not None:
+            sch.transform_layout(block, (kind, index), _blocked(vector))
+            return sch.mod["main"]
+    raise ValueError(f"no block {kind}s parameter {name}")
 
 
 def _can_expand(detail: str, channel: str) -> bool:
