@@ -38,7 +38,8 @@ def _model(name: str):
 
 def scheduled_module(model, mcpu: str | None):
     """``model`` (a name above or an ``onnx.ModelProto``) through ``compile``'s pipeline up to
-    our schedules: (target, module, each function's schedule detail, its call sites)."""
+    our schedules: (target, module, each function's schedule detail, its call sites, the module
+    as fused, before our schedules)."""
     import tvm
     from tvm.relax.frontend.onnx import from_onnx
 
@@ -49,9 +50,9 @@ def scheduled_module(model, mcpu: str | None):
     target = tvm.target.Target(host_llvm_target(mcpu))
     mod = from_onnx(_model(model) if isinstance(model, str) else model, keep_params_in_input=False)
     with target:
-        mod = tvm.transform.Sequential(tvm_schedules.legalize_and_fuse(target))(mod)
-        mod, decisions = tvm_schedules.schedule_module(mod, target)
-    return target, mod, {d.function: d.detail for d in decisions}, _call_sites(mod)
+        fused = tvm.transform.Sequential(tvm_schedules.legalize_and_fuse(target))(mod)
+        mod, decisions = tvm_schedules.schedule_module(fused, target)
+    return target, mod, {d.function: d.detail for d in decisions}, _call_sites(mod), fused
 
 
 def _time_us(func, target) -> float:
@@ -81,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     from kernel_timing import machine_line
     from tvm import tirx
 
-    target, mod, details, calls = scheduled_module(args.model, args.mcpu)
+    target, mod, details, calls, _ = scheduled_module(args.model, args.mcpu)
     rows = []
     for gv, func in mod.functions_items():
         name = str(gv.name_hint)

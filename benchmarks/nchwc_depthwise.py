@@ -30,20 +30,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mcpu", default=None, help="llvm CPU (default: this machine's)")
     args = parser.parse_args(argv)
     os.environ.setdefault("TVM_NUM_THREADS", str(len(os.sched_getaffinity(0))))
-    import tvm
-    from cpu_functions import _model, _time_us, scheduled_module
+    from cpu_functions import _time_us, scheduled_module
     from kernel_timing import machine_line
-    from tvm.relax.frontend.onnx import from_onnx
 
-    from gconv_compile import tvm_schedules
     from gconv_compile.tvm_schedules.cpu import vector_lanes
     from gconv_compile.tvm_schedules.cpu_nchwc import schedule_depthwise
 
     os.environ["GCONV_NCHWC"] = "0"  # the NCHW schedules to compare with
-    target, mod, details, calls = scheduled_module(args.model, args.mcpu)
-    with target:
-        fused = from_onnx(_model(args.model), keep_params_in_input=False)
-        fused = tvm.transform.Sequential(tvm_schedules.legalize_and_fuse(target))(fused)
+    target, mod, details, calls, fused = scheduled_module(args.model, args.mcpu)
     lanes, registers = vector_lanes(target)
     print(machine_line())
     print(f"{args.model}, -mcpu={target.attrs['mcpu']}, {os.environ['TVM_NUM_THREADS']} threads")

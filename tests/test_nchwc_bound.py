@@ -36,7 +36,7 @@ def test_blocked_variant_computes_the_same_outputs(kwargs):
     from nchwc_bound import _blocked
 
     model = conv_model(seed=81, **kwargs)
-    target, mod, details, _ = scheduled_module(model, None)
+    target, mod, details, _, _ = scheduled_module(model, None)
     (name,) = [n for n, d in details.items() if "channel form" in d]
     func = mod[name]
     vector = int(details[name].split("channel form: ")[1].split("-wide")[0])
